@@ -1,0 +1,224 @@
+//! Device and point settings. One flat struct per device holds the keys of
+//! every driver, so that serde reports each wrong key with its exact place;
+//! `validate` then checks which keys each driver needs or forbids.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverKind {
+    Simulator,
+    ModbusRtu,
+    ModbusTcp,
+    SerialLine,
+}
+
+impl DriverKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Simulator => "simulator",
+            DriverKind::ModbusRtu => "modbus-rtu",
+            DriverKind::ModbusTcp => "modbus-tcp",
+            DriverKind::SerialLine => "serial-line",
+        }
+    }
+
+    pub fn is_modbus(self) -> bool {
+        matches!(self, DriverKind::ModbusRtu | DriverKind::ModbusTcp)
+    }
+
+    pub fn is_serial(self) -> bool {
+        matches!(self, DriverKind::ModbusRtu | DriverKind::SerialLine)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// `{device}` in topics; letters, digits, `_` and `-`.
+    pub name: String,
+    pub driver: DriverKind,
+    /// Time between polls.
+    #[serde(default, with = "humantime_serde")]
+    pub poll: Option<Duration>,
+    /// How long to wait for one answer (Modbus).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Serial port path (modbus-rtu, serial-line). Devices may share one.
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub baud: Option<u32>,
+    #[serde(default)]
+    pub parity: Option<Parity>,
+    #[serde(default)]
+    pub data_bits: Option<u8>,
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
+    /// Modbus slave / unit id.
+    #[serde(default)]
+    pub slave: Option<u8>,
+    /// `host:port` of a Modbus TCP device.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Largest gap (registers) merged into one read.
+    #[serde(default)]
+    pub max_gap: Option<u16>,
+    /// Most registers in one read (default 125).
+    #[serde(default)]
+    pub max_registers: Option<u16>,
+    /// Most coils/discrete inputs in one read (default 2000).
+    #[serde(default)]
+    pub max_bits: Option<u16>,
+    /// Silence between frames on a shared serial bus.
+    #[serde(default, with = "humantime_serde")]
+    pub inter_frame_delay: Option<Duration>,
+    /// Consecutive failed polls before the device is marked offline.
+    #[serde(default)]
+    pub offline_after: Option<u32>,
+    /// serial-line: line delimiter (default "\n").
+    #[serde(default)]
+    pub delimiter: Option<String>,
+    /// serial-line: longer lines are dropped and counted.
+    #[serde(default)]
+    pub max_line_length: Option<usize>,
+    #[serde(default)]
+    pub points: Vec<PointConfig>,
+}
+
+impl DeviceConfig {
+    pub fn poll_interval(&self) -> Duration {
+        self.poll.unwrap_or(Duration::from_secs(1))
+    }
+
+    pub fn point(&self, name: &str) -> Option<&PointConfig> {
+        self.points.iter().find(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    Coil,
+    Discrete,
+    Input,
+    Holding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+    String,
+}
+
+impl DataType {
+    /// Registers a value of this type occupies (strings: see `length`).
+    pub fn registers(self) -> u16 {
+        match self {
+            DataType::Bool | DataType::U16 | DataType::I16 | DataType::String => 1,
+            DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+        }
+    }
+}
+
+/// Byte and word order of multi-register values; letters name bytes from
+/// most to least significant as they arrive on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum WordOrder {
+    /// Big-endian: high word first, high byte first.
+    #[default]
+    ABCD,
+    /// Little-endian: low word first, low byte first.
+    DCBA,
+    /// High word first, bytes swapped in each word.
+    BADC,
+    /// Low word first, high byte first in each word.
+    CDAB,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wave {
+    Sine,
+    Square,
+    Ramp,
+    Random,
+    Constant,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointConfig {
+    /// `{point}` in topics.
+    pub name: String,
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Commands and rules may write this point.
+    #[serde(default)]
+    pub writable: bool,
+    // --- simulator ---
+    #[serde(default)]
+    pub wave: Option<Wave>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub period: Option<Duration>,
+    /// The value of a `constant` wave (default `min`).
+    #[serde(default)]
+    pub value: Option<f64>,
+    // --- modbus ---
+    #[serde(default)]
+    pub table: Option<Table>,
+    /// 0-based register or coil address.
+    #[serde(default)]
+    pub address: Option<u16>,
+    #[serde(default, rename = "type")]
+    pub data_type: Option<DataType>,
+    #[serde(default)]
+    pub order: Option<WordOrder>,
+    /// value = raw * scale + offset.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    #[serde(default)]
+    pub offset: Option<f64>,
+    /// A single bit (0-15) of a register, read as bool.
+    #[serde(default)]
+    pub bit: Option<u8>,
+    /// Length of a string, in registers.
+    #[serde(default)]
+    pub length: Option<u16>,
+}
+
+impl PointConfig {
+    /// The point's type, with the table's default.
+    pub fn data_type(&self) -> DataType {
+        self.data_type.unwrap_or(match self.table {
+            Some(Table::Coil) | Some(Table::Discrete) => DataType::Bool,
+            _ if self.bit.is_some() => DataType::Bool,
+            _ => DataType::U16,
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! The `config.yaml` contract. Loading happens in passes: `${VAR}`
+//! substitution on the text, serde into these structs (syntax, types and
+//! unknown keys, with serde_yaml's line and column), then [`validate`]
+//! across the whole file (names unique, references exist, per-driver
+//! requirements), collecting every problem with its place.
+
+mod error;
+mod source;
+mod validate;
+mod values;
+
+pub mod bridges;
+pub mod devices;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use bridges::*;
+pub use devices::*;
+pub use error::{ConfigError, ConfigErrors};
+pub use source::{substitute_env, Locator, UnsetVar};
+pub use values::{ByteSize, QosLevel, Secret};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity and data directory of this gateway.
+    pub gateway: GatewayConfig,
+    /// The embedded broker, or the external broker to use instead.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Field devices to poll.
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+    /// Readings to topics; first match wins unless `continue: true`.
+    #[serde(default)]
+    pub mappings: Vec<MappingConfig>,
+    /// rhai rules.
+    #[serde(default)]
+    pub rules: Option<RulesConfig>,
+    /// Local topics that write to device points.
+    #[serde(default)]
+    pub commands: Vec<CommandConfig>,
+    /// Cloud bridges.
+    #[serde(default)]
+    pub bridges: Vec<BridgeConfig>,
+    /// Where the config was read from; relative paths in it are relative to
+    /// this file's folder.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Used in status topics: `edgebridge/<id>/...`.
+    pub id: String,
+    /// Durable queues live here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `false`: connect to `external` instead of embedding a broker.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `mqtt://host:port` of an external broker (with `enabled: false`).
+    #[serde(default)]
+    pub external: Option<String>,
+    /// Username for the external broker.
+    #[serde(default)]
+    pub external_username: Option<String>,
+    /// Password for the external broker.
+    #[serde(default)]
+    pub external_password: Option<Secret>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Required for any listener that is not on loopback.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Largest publish payload a client may send.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_size: ByteSize,
+    /// Connections beyond this are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            enabled: true,
+            external: None,
+            external_username: None,
+            external_password: None,
+            listeners: Vec::new(),
+            users: Vec::new(),
+            max_payload_size: default_max_payload(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_payload() -> ByteSize {
+    ByteSize(256 * 1024)
+}
+
+fn default_max_connections() -> usize {
+    1000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// MQTT 3.1.1.
+    Mqtt,
+    /// MQTT 5.
+    Mqtt5,
+    /// MQTT 3.1.1 over WebSocket.
+    Ws,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `address:port`; port 0 picks a free port.
+    pub bind: SocketAddr,
+    pub protocol: ListenerProtocol,
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    /// An argon2 PHC string from `edgebridge passwd`.
+    pub password_hash: Secret,
+}
+
+/// What a mapping publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// The bare value: `2.5`, `true`, `text`.
+    Value,
+    /// `{"value":…,"unit":"…","ts":<ms>}`.
+    Json,
+    /// A text template with `{value}` `{unit}` `{ts}` `{device}` `{point}`.
+    Template(String),
+}
+
+impl<'de> Deserialize<'de> for PayloadFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "value" => PayloadFormat::Value,
+            "json" => PayloadFormat::Json,
+            _ => PayloadFormat::Template(s),
+        })
+    }
+}
+
+impl Default for PayloadFormat {
+    fn default() -> Self {
+        PayloadFormat::Value
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// `device/point`; `*` matches one segment.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Topic template with `{device}` `{point}` `{gateway}`.
+    pub topic: String,
+    #[serde(default)]
+    pub payload: PayloadFormat,
+    #[serde(default)]
+    pub qos: QosLevel,
+    #[serde(default)]
+    pub retain: bool,
+    /// Keep looking for further matching mappings.
+    #[serde(default, rename = "continue")]
+    pub continue_matching: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Every `*.rhai` file here is loaded, in name order.
+    pub dir: PathBuf,
+    /// Wall-clock limit for one call of a rule function.
+    #[serde(default = "default_rule_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+fn default_rule_deadline() -> Duration {
+    Duration::from_millis(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Local topic (no wildcards) whose messages become writes.
+    pub topic: String,
+    /// `device/point` to write.
+    pub write: String,
+    /// Where the outcome is published; default `<topic>/result`.
+    #[serde(default)]
+    pub reply_topic: Option<String>,
+}
+
+impl CommandConfig {
+    pub fn target(&self) -> (&str, &str) {
+        self.write.split_once('/').unwrap_or((&self.write, ""))
+    }
+
+    pub fn result_topic(&self) -> String {
+        self.reply_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}/result", self.topic))
+    }
+}
+
+impl Config {
+    /// Reads, substitutes, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::single(ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read config: {e}"),
+            })
+        })?;
+        Config::from_text(path, &text, |k| std::env::var(k).ok())
+    }
+
+    /// Same as [`Config::load`], from text; `path` names it in errors.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let err = |line, column, message| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            column,
+            message,
+        };
+        let text = substitute_env(text, env).map_err(|unset| {
+            ConfigErrors(
+                unset
+                    .into_iter()
+                    .map(|u| {
+                        err(
+                            u.line,
+                            u.column,
+                            format!("environment variable `{}` is not set", u.name),
+                        )
+                    })
+                    .collect(),
+            )
+        })?;
+        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigErrors::single(err(line, column, strip_location(&e.to_string())))
+        })?;
+        config.source = path.to_path_buf();
+        let locator = Locator::new(&text);
+        let problems = validate::validate(&config);
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        let mut errors: Vec<ConfigError> = problems
+            .into_iter()
+            .map(|p| {
+                let (line, column) = locator.find(&p.path).unwrap_or((0, 0));
+                err(line, column, format!("{}: {}", p.path, p.message))
+            })
+            .collect();
+        errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(errors))
+    }
+
+    /// A path from the config, relative to the config file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        match self.source.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+}
+
+/// serde_yaml appends " at line L column C"; we print the place first.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
