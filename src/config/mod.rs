@@ -162,9 +162,10 @@ pub struct UserConfig {
 }
 
 /// What a mapping publishes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum PayloadFormat {
     /// The bare value: `2.5`, `true`, `text`.
+    #[default]
     Value,
     /// `{"value":…,"unit":"…","ts":<ms>}`.
     Json,
@@ -180,12 +181,6 @@ impl<'de> Deserialize<'de> for PayloadFormat {
             "json" => PayloadFormat::Json,
             _ => PayloadFormat::Template(s),
         })
-    }
-}
-
-impl Default for PayloadFormat {
-    fn default() -> Self {
-        PayloadFormat::Value
     }
 }
 
@@ -206,6 +201,15 @@ pub struct MappingConfig {
     /// Keep looking for further matching mappings.
     #[serde(default, rename = "continue")]
     pub continue_matching: bool,
+    /// Multiply numeric values by this (e.g. 0.001 for W -> kW).
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// Round numeric values to this many decimals.
+    #[serde(default)]
+    pub decimals: Option<u8>,
+    /// The unit to publish instead of the point's (after `scale`).
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

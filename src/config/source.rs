@@ -281,7 +281,7 @@ mod tests {
         let loc = Locator::new(text);
         assert_eq!(loc.find("gateway.id"), Some((2, 7)));
         assert_eq!(loc.find("devices[0].name"), Some((4, 11)));
-        assert_eq!(loc.find("devices[0].points[0].name"), Some((6, 16)));
+        assert_eq!(loc.find("devices[0].points[0].name"), Some((6, 17)));
         assert_eq!(loc.find("devices[1].name"), Some((7, 11)));
         assert_eq!(loc.find_key("devices[1].name"), Some((7, 5)));
         // A missing child falls back to its parent.

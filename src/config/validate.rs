@@ -210,7 +210,6 @@ fn point(
         || pt.value.is_some();
     let modbus_keys = pt.table.is_some()
         || pt.address.is_some()
-        || pt.data_type.is_some()
         || pt.order.is_some()
         || pt.bit.is_some()
         || pt.length.is_some();
@@ -232,6 +231,9 @@ fn point(
             }
             if pt.period.is_some_and(|d| d.is_zero()) {
                 p.add(at("period"), "must be longer than 0s");
+            }
+            if pt.data_type == Some(DataType::String) {
+                p.add(at("type"), "simulator points are numbers or `bool`");
             }
         }
         DriverKind::ModbusRtu | DriverKind::ModbusTcp => {
@@ -278,7 +280,7 @@ fn point(
             }
         }
         DriverKind::SerialLine => {
-            if sim_keys || modbus_keys {
+            if sim_keys || modbus_keys || pt.data_type.is_some() {
                 p.add(
                     here,
                     "serial-line points take only `name`, `unit` and `writable`",

@@ -1,0 +1,229 @@
+//! The embedded broker. rumqttd's `Broker::start()` never returns and only
+//! logs bind errors, so we build its router and servers ourselves on our
+//! runtime: a busy port is a startup error, and shutdown closes listeners.
+
+mod auth;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{v4::V4, v5::V5};
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, TlsConfig,
+};
+use tokio::task::JoinHandle;
+
+pub use auth::{hash_password, Users};
+
+use crate::config::{BrokerConfig, Config, ListenerProtocol};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {addr} stopped at startup: {reason}")]
+    Listener { addr: SocketAddr, reason: String },
+    #[error("listener {addr}: TLS file {path} does not exist")]
+    TlsFile { addr: SocketAddr, path: String },
+    #[error("cannot open an in-process link to the broker: {0}")]
+    Link(String),
+}
+
+type LinkFactory = dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync;
+
+/// A running embedded broker.
+pub struct EmbeddedBroker {
+    links: Arc<LinkFactory>,
+    listeners: Vec<(SocketAddr, ListenerProtocol)>,
+    servers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl EmbeddedBroker {
+    /// Starts the router and every listener; returns once all listen.
+    pub async fn start(config: &Config) -> Result<EmbeddedBroker, BrokerError> {
+        let b = &config.broker;
+        let router = Router::new(0, router_config(b));
+        // The router runs on its own OS thread for the life of the process
+        // (rumqttd has no way to stop it); everything else is ours.
+        let router_tx = router.spawn();
+        let tx = router_tx.clone();
+        let links: Arc<LinkFactory> = Arc::new(move |id: &str, clean: bool| {
+            LinkBuilder::new(id, tx.clone())
+                .clean_session(clean)
+                .build()
+                .map(|(t, r, _)| (t, r))
+                .map_err(|e| BrokerError::Link(e.to_string()))
+        });
+        let users = Users::new(&b.users);
+        let mut listeners = Vec::new();
+        let mut servers = Vec::new();
+        for l in &b.listeners {
+            let addr = resolve_port(l.bind)?;
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => {
+                    let cert = config.resolve(&t.cert);
+                    let key = config.resolve(&t.key);
+                    for p in [&cert, &key] {
+                        if !p.exists() {
+                            return Err(BrokerError::TlsFile {
+                                addr,
+                                path: p.display().to_string(),
+                            });
+                        }
+                    }
+                    Some(TlsConfig::Rustls {
+                        capath: None,
+                        certpath: cert.display().to_string(),
+                        keypath: key.display().to_string(),
+                    })
+                }
+            };
+            let mut settings = ServerSettings {
+                name: format!("{:?}-{addr}", l.protocol).to_lowercase(),
+                listen: addr,
+                tls,
+                next_connection_delay_ms: 0,
+                connections: ConnectionSettings {
+                    connection_timeout_ms: 10_000,
+                    max_payload_size: b.max_payload_size.0 as usize,
+                    max_inflight_count: 100,
+                    auth: None,
+                    external_auth: None,
+                    dynamic_filters: true,
+                },
+            };
+            if !users.is_empty() {
+                let users = users.clone();
+                settings.set_auth_handler(move |_client, user, pass| {
+                    let users = users.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || users.verify(&user, &pass))
+                            .await
+                            .unwrap_or(false)
+                    }
+                });
+            }
+            let tx = router_tx.clone();
+            let protocol = l.protocol;
+            let task = tokio::spawn(async move {
+                let result = match protocol {
+                    ListenerProtocol::Mqtt => {
+                        Server::new(settings, tx, V4).start(LinkType::Remote).await
+                    }
+                    ListenerProtocol::Mqtt5 => {
+                        Server::new(settings, tx, V5).start(LinkType::Remote).await
+                    }
+                    ListenerProtocol::Ws => {
+                        Server::new(settings, tx, V4)
+                            .start(LinkType::Websocket)
+                            .await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::error!(%addr, error = %e, "listener stopped");
+                }
+            });
+            wait_listening(addr, &task).await?;
+            tracing::info!(%addr, protocol = ?l.protocol, auth = !users.is_empty(), "listening");
+            listeners.push((addr, l.protocol));
+            servers.push(task);
+        }
+        Ok(EmbeddedBroker {
+            links,
+            listeners,
+            servers: std::sync::Mutex::new(servers),
+        })
+    }
+
+    /// The addresses actually listened on (port 0 resolved), in config order.
+    pub fn listeners(&self) -> &[(SocketAddr, ListenerProtocol)] {
+        &self.listeners
+    }
+
+    /// An in-process client link (no TCP, no auth).
+    pub fn link(&self, client_id: &str, clean: bool) -> Result<(LinkTx, LinkRx), BrokerError> {
+        (self.links)(client_id, clean)
+    }
+
+    /// Closes every listener. Connected clients' tasks end with the runtime.
+    pub fn close_listeners(&self) {
+        // A poisoned lock only means a panic elsewhere; the handles are fine.
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        for s in servers.drain(..) {
+            s.abort();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.close_listeners();
+    }
+}
+
+fn router_config(b: &BrokerConfig) -> RouterConfig {
+    RouterConfig {
+        max_connections: b.max_connections,
+        max_outgoing_packet_count: 200,
+        // Each filter keeps up to size x count bytes in memory even after
+        // delivery (see crates.md): keep it small so memory stays flat.
+        max_segment_size: 1 << 20,
+        max_segment_count: 4,
+        ..Default::default()
+    }
+}
+
+/// Binds once to find a busy port early (with a clear error) and to turn
+/// port 0 into a concrete free port that rumqttd then binds.
+fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    let l = StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    l.local_addr()
+        .map_err(|source| BrokerError::Bind { addr, source })
+}
+
+/// rumqttd gives no readiness signal, and probing by binding or connecting
+/// would race with it or open a connection; the kernel's socket table
+/// tells without side effects when the port is in LISTEN state.
+async fn wait_listening(addr: SocketAddr, task: &JoinHandle<()>) -> Result<(), BrokerError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if task.is_finished() {
+            return Err(BrokerError::Listener {
+                addr,
+                reason: "see the log line above".into(),
+            });
+        }
+        if is_listening(addr) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BrokerError::Listener {
+                addr,
+                reason: "did not start listening within 5s".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Is some socket listening on `addr`'s port? (Linux `/proc/net/tcp{,6}`.)
+fn is_listening(addr: SocketAddr) -> bool {
+    const LISTEN: &str = "0A";
+    let port = format!(":{:04X}", addr.port());
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|table| {
+            table.lines().skip(1).any(|line| {
+                let mut cols = line.split_whitespace();
+                let local = cols.nth(1).unwrap_or_default();
+                let state = cols.nth(1).unwrap_or_default();
+                local.ends_with(&port) && state == LISTEN
+            })
+        })
+    })
+}

@@ -1,0 +1,160 @@
+//! The command line. `anyhow` lives here only; exit codes: 0 ok,
+//! 1 runtime failure, 2 bad config or usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgebridge",
+    version,
+    about = "IoT gateway: embedded MQTT broker, device drivers, rules and cloud bridges"
+)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, short, global = true, default_value = "config.yaml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the config and print every problem with its place.
+    Check,
+    /// Print a `broker.users` entry with an argon2 hash of a password read
+    /// from the terminal (or from standard input when it is not one).
+    Passwd {
+        /// The username.
+        user: String,
+    },
+}
+
+/// Exit status for a config that does not load.
+pub const EXIT_CONFIG: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&cli.config),
+        Command::Check => check(&cli.config),
+        Command::Passwd { user } => report(passwd(&user)),
+    }
+}
+
+/// Logs go to stderr. Under systemd (journald sets `JOURNAL_STREAM`) there
+/// are no timestamps or colours: the journal adds its own.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("EDGEBRIDGE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if journald {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads the config, printing every problem; `None` means exit 2.
+pub fn load_config(path: &Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} problem(s) in {}", errors.0.len(), path.display());
+            None
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load_config(path) {
+        Some(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::from(EXIT_CONFIG),
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let Some(config) = load_config(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("edgebridge")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async move { report(serve(config).await) });
+    // The broker's router thread never ends; do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let gateway = Gateway::start(config)
+        .await
+        .context("starting the gateway")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    gateway.shutdown().await;
+    Ok(())
+}
+
+fn passwd(user: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let p1 = rpassword::prompt_password(format!("Password for {user}: "))?;
+        let p2 = rpassword::prompt_password("Again: ")?;
+        anyhow::ensure!(p1 == p2, "the passwords differ");
+        p1
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    let hash = crate::broker::hash_password(&password)
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
+    println!("- {{ username: {user}, password_hash: \"{hash}\" }}");
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! Mappings: a reading becomes zero or more messages. Templates are parsed
+//! once at start; applying a mapping only fills in the parts.
+
+use std::fmt::Write;
+
+use bytes::Bytes;
+
+use crate::config::{MappingConfig, PayloadFormat};
+use crate::model::{Message, Qos, Quality, Reading, Value};
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Lit(String),
+    Device,
+    Point,
+    Gateway,
+    Value,
+    Unit,
+    Ts,
+}
+
+/// A `{placeholder}` template, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template(Vec<Part>);
+
+impl Template {
+    /// Parses a template; unknown placeholders were rejected by validation
+    /// and are kept literally here.
+    pub fn parse(t: &str) -> Template {
+        let mut parts = Vec::new();
+        let mut rest = t;
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "device" => Part::Device,
+                "point" => Part::Point,
+                "gateway" => Part::Gateway,
+                "value" => Part::Value,
+                "unit" => Part::Unit,
+                "ts" => Part::Ts,
+                other => Part::Lit(format!("{{{other}}}")),
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Template(parts)
+    }
+
+    fn render(&self, out: &mut String, r: &Reading, gateway: &str, value: &Value, unit: &str) {
+        for p in &self.0 {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Device => out.push_str(&r.device),
+                Part::Point => out.push_str(&r.point),
+                Part::Gateway => out.push_str(gateway),
+                Part::Value => {
+                    let _ = write!(out, "{value}");
+                }
+                Part::Unit => out.push_str(unit),
+                Part::Ts => {
+                    let _ = write!(out, "{}", r.ts);
+                }
+            }
+        }
+    }
+}
+
+/// `device/point` with `*` per segment.
+#[derive(Debug, Clone)]
+struct Pattern {
+    device: Option<String>,
+    point: Option<String>,
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Pattern {
+        let (d, pt) = p.split_once('/').unwrap_or((p, "*"));
+        let seg = |s: &str| (s != "*").then(|| s.to_string());
+        Pattern {
+            device: seg(d),
+            point: seg(pt),
+        }
+    }
+
+    fn matches(&self, r: &Reading) -> bool {
+        self.device.as_deref().is_none_or(|d| d == &*r.device)
+            && self.point.as_deref().is_none_or(|p| p == &*r.point)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mapping {
+    pattern: Pattern,
+    topic: Template,
+    payload: Payload,
+    qos: Qos,
+    retain: bool,
+    continue_matching: bool,
+    scale: Option<f64>,
+    decimals: Option<u8>,
+    unit: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Payload {
+    Value,
+    Json,
+    Template(Template),
+}
+
+/// All mappings of a config, in order.
+#[derive(Debug, Clone)]
+pub struct Mappings {
+    list: Vec<Mapping>,
+    gateway: String,
+}
+
+impl Mappings {
+    pub fn new(configs: &[MappingConfig], gateway_id: &str) -> Mappings {
+        Mappings {
+            gateway: gateway_id.to_string(),
+            list: configs
+                .iter()
+                .map(|m| Mapping {
+                    pattern: Pattern::parse(&m.pattern),
+                    topic: Template::parse(&m.topic),
+                    payload: match &m.payload {
+                        PayloadFormat::Value => Payload::Value,
+                        PayloadFormat::Json => Payload::Json,
+                        PayloadFormat::Template(t) => Payload::Template(Template::parse(t)),
+                    },
+                    qos: m.qos.0,
+                    retain: m.retain,
+                    continue_matching: m.continue_matching,
+                    scale: m.scale,
+                    decimals: m.decimals,
+                    unit: m.unit.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Appends the messages for `r` to `out`: first match wins unless the
+    /// mapping says `continue: true`. A reading of bad quality is only
+    /// published by `json` mappings, with its error.
+    pub fn apply(&self, r: &Reading, out: &mut Vec<Message>) {
+        for m in &self.list {
+            if !m.pattern.matches(r) {
+                continue;
+            }
+            if let Some(msg) = m.message(r, &self.gateway) {
+                out.push(msg);
+            }
+            if !m.continue_matching {
+                break;
+            }
+        }
+    }
+}
+
+impl Mapping {
+    fn message(&self, r: &Reading, gateway: &str) -> Option<Message> {
+        let value = self.transform(&r.value);
+        let unit = self
+            .unit
+            .as_deref()
+            .or(r.unit.as_deref())
+            .unwrap_or_default();
+        let payload = match (&self.payload, &r.quality) {
+            (Payload::Json, q) => {
+                let mut obj = serde_json::Map::new();
+                match q {
+                    Quality::Good => obj.insert("value".into(), value.to_json()),
+                    Quality::Bad(e) => {
+                        obj.insert("value".into(), serde_json::Value::Null);
+                        obj.insert("error".into(), e.clone().into())
+                    }
+                };
+                if !unit.is_empty() {
+                    obj.insert("unit".into(), unit.into());
+                }
+                obj.insert("ts".into(), r.ts.into());
+                Bytes::from(serde_json::Value::Object(obj).to_string())
+            }
+            (_, Quality::Bad(_)) => return None,
+            (Payload::Value, _) => Bytes::from(value.to_string()),
+            (Payload::Template(t), _) => {
+                let mut s = String::new();
+                t.render(&mut s, r, gateway, &value, unit);
+                Bytes::from(s)
+            }
+        };
+        let mut topic = String::with_capacity(32);
+        self.topic.render(&mut topic, r, gateway, &value, unit);
+        Some(Message {
+            topic,
+            payload,
+            qos: self.qos,
+            retain: self.retain,
+        })
+    }
+
+    fn transform(&self, v: &Value) -> Value {
+        if self.scale.is_none() && self.decimals.is_none() {
+            return v.clone();
+        }
+        let Some(mut x) = (match v {
+            Value::Bool(_) | Value::Text(_) => None,
+            other => other.as_f64(),
+        }) else {
+            return v.clone();
+        };
+        if let Some(s) = self.scale {
+            x *= s;
+        }
+        if let Some(d) = self.decimals {
+            let f = 10f64.powi(d as i32);
+            x = (x * f).round() / f;
+        }
+        Value::Float(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn reading(device: &str, point: &str, value: Value) -> Reading {
+        Reading {
+            device: Arc::from(device),
+            point: Arc::from(point),
+            value,
+            unit: Some(Arc::from("W")),
+            ts: 1_700_000_000_000,
+            quality: Quality::Good,
+        }
+    }
+
+    fn mappings(yaml: &str) -> Mappings {
+        let cfg: Vec<MappingConfig> = serde_yaml::from_str(yaml).unwrap();
+        Mappings::new(&cfg, "gw-1")
+    }
+
+    fn apply(m: &Mappings, r: &Reading) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        m.apply(r, &mut out);
+        out.into_iter()
+            .map(|m| (m.topic, String::from_utf8(m.payload.to_vec()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn first_match_wins_unless_continue() {
+        let m = mappings(
+            "- { match: pv/power, topic: PV/data }\n- { match: '*/*', topic: 'devices/{device}/{point}' }\n",
+        );
+        let r = reading("pv", "power", Value::Float(2.5));
+        assert_eq!(apply(&m, &r), vec![("PV/data".into(), "2.5".into())]);
+        let m = mappings(
+            "- { match: pv/power, topic: PV/data, continue: true }\n- { match: '*/*', topic: 'devices/{device}/{point}' }\n",
+        );
+        assert_eq!(apply(&m, &r).len(), 2);
+        let other = reading("meter", "energy", Value::Int(7));
+        assert_eq!(
+            apply(&m, &other),
+            vec![("devices/meter/energy".into(), "7".into())]
+        );
+    }
+
+    #[test]
+    fn json_payload_shape() {
+        let m = mappings("- { match: '*/*', topic: 'x/{gateway}', payload: json }\n");
+        let out = apply(&m, &reading("pv", "power", Value::Float(2.5)));
+        assert_eq!(out[0].0, "x/gw-1");
+        let v: serde_json::Value = serde_json::from_str(&out[0].1).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"value": 2.5, "unit": "W", "ts": 1_700_000_000_000i64})
+        );
+    }
+
+    #[test]
+    fn template_payload_and_scale() {
+        let m = mappings(
+            "- { match: 'pv/*', topic: t, payload: '{device}.{point}={value}{unit}@{ts}', scale: 0.001, decimals: 2, unit: kW }\n",
+        );
+        let out = apply(&m, &reading("pv", "power", Value::Float(2345.0)));
+        assert_eq!(out[0].1, "pv.power=2.35kW@1700000000000");
+    }
+
+    #[test]
+    fn bad_quality_only_in_json() {
+        let m = mappings("- { match: '*/*', topic: a, continue: true }\n- { match: '*/*', topic: b, payload: json }\n");
+        let mut r = reading("pv", "power", Value::Float(0.0));
+        r.quality = Quality::Bad("timeout".into());
+        let out = apply(&m, &r);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].1.contains("\"error\":\"timeout\""));
+    }
+
+    #[test]
+    fn bool_values_print_true_false() {
+        let m = mappings("- { match: '*/sunshine', topic: PV/sunshine }\n");
+        assert_eq!(
+            apply(&m, &reading("pv", "sunshine", Value::Bool(true)))[0].1,
+            "true"
+        );
+    }
+}

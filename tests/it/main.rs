@@ -1,0 +1,9 @@
+//! One integration-test harness (one binary, fast to build); one module per
+//! area, shared helpers in `support`.
+
+mod support;
+
+mod cli;
+mod config;
+mod gateway;
+mod interop;
