@@ -213,3 +213,43 @@ async fn authentication_refuses_wrong_password() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_do_not_disturb_other_clients() {
+    use tokio::io::AsyncWriteExt;
+    let gw = support::start(&support::yaml_with_broker(SOLAR)).await;
+    let addr = support::mqtt_addr(&gw);
+    let mut c = Client::connect(addr, "t-good", &["PV/data"]).await;
+    // Garbage instead of CONNECT, a CONNECT with a huge remaining length,
+    // and a connection that just closes.
+    let garbage: [&[u8]; 3] = [
+        b"\xff\xff\xff\xff\xff\x00garbage",
+        b"\x10\xff\xff\xff\x7f\x00\x04MQTT\x04",
+        b"",
+    ];
+    for g in garbage {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(g).await;
+        drop(s);
+    }
+    // The broker still serves the existing client and accepts new ones.
+    c.drain_where(Duration::from_millis(200), |_| true).await;
+    c.expect("PV/data", WAIT).await;
+    let mut fresh = Client::connect(addr, "t-fresh", &["PV/data"]).await;
+    fresh.expect("PV/data", WAIT).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_tls_certificate_is_a_clear_startup_error() {
+    let yaml = "gateway: { id: gw }\nbroker:\n  listeners:\n    - { bind: \"127.0.0.1:0\", protocol: mqtt, tls: { cert: /nonexistent/server.crt, key: /nonexistent/server.key } }\n";
+    let err = edgebridge::gateway::Gateway::start(support::config(yaml))
+        .await
+        .err()
+        .expect("start fails");
+    assert!(
+        err.to_string()
+            .contains("TLS file /nonexistent/server.crt does not exist"),
+        "{err}"
+    );
+}
