@@ -17,7 +17,9 @@ fn config(points: usize, poll: &str, payload: &str) -> Config {
     );
     yaml.push_str(&format!("    poll: {poll}\n    points:\n"));
     for i in 0..points {
-        yaml.push_str(&format!("      - {{ name: p{i}, wave: sine, min: 0, max: 5000, period: 60s, unit: W }}\n"));
+        yaml.push_str(&format!(
+            "      - {{ name: p{i}, wave: sine, min: 0, max: 5000, period: 60s, unit: W }}\n"
+        ));
     }
     yaml.push_str(&format!(
         "mappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}', payload: {payload} }}\n"
@@ -32,7 +34,10 @@ async fn run(name: &str, config: Config, secs: u64) {
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = AsyncClient::new(o, 100);
-    client.subscribe("devices/#", QoS::AtMostOnce).await.unwrap();
+    client
+        .subscribe("devices/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
     // Warm up until data flows.
     loop {
         if let Ok(Event::Incoming(Packet::Publish(_))) = el.poll().await {
@@ -94,8 +99,23 @@ fn main() {
     println!("| scenario | readings/s at the subscriber | CPU cores used (whole process) | peak RSS MiB (whole process) |");
     println!("|---|---|---|---|");
     rt.block_on(async {
-        run("1000 points every 10ms, value payload", config(1000, "10ms", "value"), secs).await;
-        run("1000 points every 10ms, json payload", config(1000, "10ms", "json"), secs).await;
-        run("2000 points every 5ms, value payload", config(2000, "5ms", "value"), secs).await;
+        run(
+            "1000 points every 10ms, value payload",
+            config(1000, "10ms", "value"),
+            secs,
+        )
+        .await;
+        run(
+            "1000 points every 10ms, json payload",
+            config(1000, "10ms", "json"),
+            secs,
+        )
+        .await;
+        run(
+            "2000 points every 5ms, value payload",
+            config(2000, "5ms", "value"),
+            secs,
+        )
+        .await;
     });
 }

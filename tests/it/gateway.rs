@@ -253,3 +253,33 @@ async fn missing_tls_certificate_is_a_clear_startup_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_listener_serves_data() {
+    let yaml = support::yaml_with_broker(SOLAR).replace(
+        "protocol: mqtt5 }",
+        "protocol: mqtt5 }\n    - { bind: \"127.0.0.1:0\", protocol: ws }",
+    );
+    let gw = support::start(&yaml).await;
+    let addr = gw
+        .listener(edgebridge::config::ListenerProtocol::Ws)
+        .unwrap();
+    let mut o = rumqttc::MqttOptions::new("t-ws", format!("ws://{addr}/mqtt"), addr.port());
+    o.set_transport(rumqttc::Transport::Ws);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    client.subscribe("PV/data", QoS::AtLeastOnce).await.unwrap();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => return p.payload,
+                Ok(_) => {}
+                Err(e) => panic!("websocket client: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a PV/data publish over WebSocket");
+    assert_eq!(&got[..], b"2.5");
+    gw.shutdown().await;
+}
