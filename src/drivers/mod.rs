@@ -2,6 +2,8 @@
 //! Each driver polls its devices and sends [`ReadingBatch`]es to the
 //! pipeline; [`Devices`] carries [`Command`]s back to the owning driver.
 
+pub mod modbus;
+pub mod serial_line;
 pub mod simulator;
 
 use std::collections::HashMap;
