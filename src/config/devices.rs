@@ -222,3 +222,81 @@ impl PointConfig {
         })
     }
 }
+
+/// Default serial speed.
+pub const DEFAULT_BAUD: u32 = 9600;
+/// Default consecutive failed polls before a device is marked offline.
+pub const DEFAULT_OFFLINE_AFTER: u32 = 3;
+
+/// Speed and framing of a serial line; devices sharing a port must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineSettings {
+    pub baud: u32,
+    pub parity: Parity,
+    pub data_bits: u8,
+    pub stop_bits: u8,
+}
+
+impl LineSettings {
+    /// Time on the wire for `bytes` characters (start, data, parity, stop
+    /// bits each).
+    pub fn transmit_time(&self, bytes: u32) -> Duration {
+        let parity = u64::from(self.parity != Parity::None);
+        let bits_per_char = 1 + u64::from(self.data_bits) + parity + u64::from(self.stop_bits);
+        let micros = u64::from(bytes) * bits_per_char * 1_000_000 / u64::from(self.baud.max(1));
+        Duration::from_micros(micros)
+    }
+}
+
+impl std::fmt::Display for LineSettings {
+    /// `9600 8N1`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.parity {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        };
+        write!(f, "{} {}{}{}", self.baud, self.data_bits, p, self.stop_bits)
+    }
+}
+
+impl DeviceConfig {
+    /// The serial settings with their defaults (9600 8N1).
+    pub fn line_settings(&self) -> LineSettings {
+        LineSettings {
+            baud: self.baud.unwrap_or(DEFAULT_BAUD),
+            parity: self.parity.unwrap_or_default(),
+            data_bits: self.data_bits.unwrap_or(8),
+            stop_bits: self.stop_bits.unwrap_or(1),
+        }
+    }
+
+    /// How long to wait for one Modbus answer. Default: 1 s on TCP; on a
+    /// serial line 200 ms plus the time of a longest frame (256 bytes) at
+    /// the configured speed, so slow lines get a fitting timeout.
+    pub fn request_timeout(&self) -> Duration {
+        if let Some(t) = self.timeout {
+            return t;
+        }
+        match self.driver {
+            DriverKind::ModbusRtu => {
+                Duration::from_millis(200) + self.line_settings().transmit_time(256)
+            }
+            _ => Duration::from_secs(1),
+        }
+    }
+
+    /// Silence kept between two frames on a serial bus. Default: the
+    /// Modbus t3.5 (3.5 characters, at least 1.75 ms).
+    pub fn frame_gap(&self) -> Duration {
+        self.inter_frame_delay.unwrap_or_else(|| {
+            let t = self.line_settings().transmit_time(7) / 2;
+            t.max(Duration::from_micros(1750))
+        })
+    }
+
+    /// Consecutive failed polls before the device is marked offline.
+    pub fn offline_threshold(&self) -> u32 {
+        self.offline_after.unwrap_or(DEFAULT_OFFLINE_AFTER).max(1)
+    }
+}
