@@ -7,3 +7,4 @@ mod cli;
 mod config;
 mod gateway;
 mod interop;
+mod drivers;

@@ -3,6 +3,8 @@
 //! and the real binary as a child process.
 #![allow(dead_code)]
 
+pub mod modbus_sim;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
