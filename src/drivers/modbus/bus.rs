@@ -1,0 +1,255 @@
+//! The task that owns one Modbus transport: a serial port shared by every
+//! device on that RS-485 bus, or one TCP connection.
+//!
+//! An RS-485 bus is half-duplex, so exactly one task talks on it and
+//! requests are strictly serialised. Devices are polled earliest-due
+//! first, so a device that fell behind waits behind devices that waited
+//! longer (round robin under overload) and a slow device cannot starve
+//! the others. Writes go ahead of queued polls. A dead device costs one
+//! timeout per (backed-off) poll, not the bus.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Command, ReadingBatch};
+
+use super::device::{Device, Transition, MAX_BACKOFF};
+use super::session::Session;
+
+/// First wait before reopening a lost port; doubles up to [`MAX_BACKOFF`].
+pub const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Where device status changes go (the gateway's status topics).
+pub trait StatusReport: Send + Sync + 'static {
+    fn device(&self, name: &str, online: bool, reason: Option<&str>);
+}
+
+/// Inputs and outputs of a bus task.
+pub struct BusIo {
+    pub readings: mpsc::Sender<ReadingBatch>,
+    pub commands: mpsc::Receiver<Command>,
+    pub status: std::sync::Arc<dyn StatusReport>,
+    pub shutdown: CancellationToken,
+}
+
+/// One transport and the devices behind it.
+pub struct Bus {
+    session: Session,
+    devices: Vec<Device>,
+    io: BusIo,
+    /// Why the transport is down, while it is (logged once per outage).
+    down: Option<String>,
+    /// Failed opens in the current outage.
+    open_failures: u32,
+    reopen_backoff: Duration,
+}
+
+impl Bus {
+    pub fn new(session: Session, devices: Vec<Device>, io: BusIo) -> Bus {
+        Bus {
+            session,
+            devices,
+            io,
+            down: None,
+            open_failures: 0,
+            reopen_backoff: REOPEN_BACKOFF,
+        }
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self) {
+        let endpoint = self.session.endpoint().to_string();
+        let mut commands_open = true;
+        loop {
+            if self.io.shutdown.is_cancelled() {
+                break;
+            }
+            if !self.session.is_open() && !self.open().await {
+                // Wait for the next attempt; answer writes meanwhile.
+                let until = Instant::now() + self.reopen_backoff;
+                self.reopen_backoff = (self.reopen_backoff * 2).min(MAX_BACKOFF);
+                if !self.idle_until(until, &mut commands_open).await {
+                    break;
+                }
+                continue;
+            }
+            let Some(idx) = self.next_device() else {
+                // No devices: only writes could arrive, and they all fail.
+                if !self
+                    .idle_until(Instant::now() + MAX_BACKOFF, &mut commands_open)
+                    .await
+                {
+                    break;
+                }
+                continue;
+            };
+            let due = self.devices[idx].next_due;
+            tokio::select! {
+                biased;
+                _ = self.io.shutdown.cancelled() => break,
+                cmd = self.io.commands.recv(), if commands_open => {
+                    match cmd {
+                        Some(cmd) => self.write(cmd).await,
+                        None => commands_open = false,
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            self.poll(idx).await;
+        }
+        self.session.close();
+        tracing::debug!(%endpoint, "bus task stopped");
+    }
+
+    /// The device to poll next: earliest due; ties go to the lower index.
+    fn next_device(&self) -> Option<usize> {
+        self.devices
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, d)| (d.next_due, *i))
+            .map(|(i, _)| i)
+    }
+
+    async fn open(&mut self) -> bool {
+        let endpoint = self.session.endpoint().to_string();
+        match self.session.open(self.connect_timeout()).await {
+            Ok(()) => {
+                if let Some(why) = self.down.take() {
+                    tracing::info!(%endpoint, failed_attempts = self.open_failures, was = %why, "transport is back");
+                } else {
+                    tracing::debug!(%endpoint, "transport open");
+                }
+                self.open_failures = 0;
+                self.reopen_backoff = REOPEN_BACKOFF;
+                let now = Instant::now();
+                for d in &mut self.devices {
+                    d.next_due = d.next_due.min(now);
+                }
+                true
+            }
+            Err(e) => {
+                self.open_failures += 1;
+                let why = format!("cannot open {endpoint}: {e}");
+                self.transport_down(why);
+                false
+            }
+        }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        self.devices
+            .iter()
+            .map(|d| d.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_secs(1))
+    }
+
+    /// Marks every device offline; logs the first time per outage.
+    fn transport_down(&mut self, why: String) {
+        if self.down.is_none() {
+            tracing::warn!(reason = %why, "transport down; retrying with backoff");
+        } else {
+            tracing::debug!(reason = %why, attempts = self.open_failures, "transport still down");
+        }
+        for i in 0..self.devices.len() {
+            let t = self.devices[i].transport_down(&why);
+            self.report(i, t);
+        }
+        self.down = Some(why);
+    }
+
+    /// Sleeps until `until`, answering writes with an error meanwhile.
+    /// Returns false on shutdown.
+    async fn idle_until(&mut self, until: Instant, commands_open: &mut bool) -> bool {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.io.shutdown.cancelled() => return false,
+                cmd = self.io.commands.recv(), if *commands_open => match cmd {
+                    Some(cmd) => {
+                        let why = self.down.clone().unwrap_or_else(|| "not connected".into());
+                        reply(cmd, Err(format!("device unreachable: {why}")));
+                    }
+                    None => *commands_open = false,
+                },
+                _ = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+
+    async fn poll(&mut self, idx: usize) {
+        let device = &mut self.devices[idx];
+        let (readings, result) = device.poll(&mut self.session).await;
+        if let Err(e) = &result {
+            tracing::debug!(device = %device.name, error = %e, "poll failed");
+        }
+        let transition = device.record(&result, Instant::now());
+        if !readings.is_empty() {
+            tokio::select! {
+                _ = self.io.shutdown.cancelled() => {}
+                r = self.io.readings.send(readings) => {
+                    if r.is_err() {
+                        tracing::debug!("pipeline gone; dropping readings");
+                    }
+                }
+            }
+        }
+        match self.session.take_lost() {
+            Some(why) => {
+                let why = format!("{} lost: {why}", self.session.endpoint());
+                self.transport_down(why);
+            }
+            None => self.report(idx, transition),
+        }
+    }
+
+    async fn write(&mut self, cmd: Command) {
+        let Some(idx) = self.devices.iter().position(|d| *d.name == *cmd.device) else {
+            let why = format!("no device named `{}` on this bus", cmd.device);
+            reply(cmd, Err(why));
+            return;
+        };
+        let device = &mut self.devices[idx];
+        let result = device
+            .write(&mut self.session, &cmd.point, &cmd.value)
+            .await;
+        match &result {
+            Ok(()) => {
+                tracing::info!(device = %cmd.device, point = %cmd.point, value = %cmd.value, "write done")
+            }
+            Err(e) => {
+                tracing::warn!(device = %cmd.device, point = %cmd.point, error = %e, "write failed")
+            }
+        }
+        reply(cmd, result);
+        if let Some(why) = self.session.take_lost() {
+            let why = format!("{} lost: {why}", self.session.endpoint());
+            self.transport_down(why);
+        }
+    }
+
+    fn report(&self, idx: usize, t: Option<Transition>) {
+        let (Some(t), Some(d)) = (t, self.devices.get(idx)) else {
+            return;
+        };
+        if t.online {
+            tracing::info!(device = %d.name, "device online");
+        } else {
+            tracing::warn!(device = %d.name, reason = t.reason.as_deref().unwrap_or(""), "device offline");
+        }
+        self.io
+            .status
+            .device(&d.name, t.online, t.reason.as_deref());
+    }
+}
+
+fn reply(cmd: Command, result: crate::model::CommandResult) {
+    if let Some(tx) = cmd.reply {
+        let _ = tx.send(result);
+    }
+}

@@ -1,0 +1,308 @@
+//! One Modbus device on a bus: its points, its request plan, and its
+//! health (online, consecutive failures, backoff). The bus task decides
+//! *when* a device is polled; this decides *what* a poll or a write sends
+//! and what it means.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_modbus::Request;
+
+use crate::config::{DeviceConfig, Table};
+use crate::model::{now_ms, CommandResult, Millis, Quality, Reading, ReadingBatch, Value};
+
+use super::decode::to_bool;
+use super::plan::{Block, Limits, Plan, Span};
+use super::point::{table_name, Point};
+use super::session::{BlockData, RequestError, Session};
+
+/// Longest wait between two polls of an offline device.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A device went online or offline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub online: bool,
+    /// Why it went offline.
+    pub reason: Option<String>,
+}
+
+/// Counters of one device, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    pub polls: u64,
+    pub failed_polls: u64,
+    pub requests: u64,
+    pub exceptions: u64,
+}
+
+/// A Modbus device (one slave id) and what the driver knows about it.
+#[derive(Debug)]
+pub struct Device {
+    pub name: Arc<str>,
+    pub slave: u8,
+    pub points: Vec<Point>,
+    plan: Plan,
+    pub poll_every: Duration,
+    pub timeout: Duration,
+    offline_after: u32,
+    failures: u32,
+    /// `None` until the first poll settles it.
+    online: Option<bool>,
+    backoff: Duration,
+    /// When the device should be polled next.
+    pub next_due: Instant,
+    pub stats: DeviceStats,
+}
+
+impl Device {
+    pub fn from_config(d: &DeviceConfig) -> Device {
+        let points: Vec<Point> = d.points.iter().filter_map(Point::from_config).collect();
+        let plan = Plan::for_points(&points, Limits::from_device(d));
+        Device {
+            name: Arc::from(d.name.as_str()),
+            slave: d.slave.unwrap_or(1),
+            points,
+            plan,
+            poll_every: d.poll_interval(),
+            timeout: d.request_timeout(),
+            offline_after: d.offline_threshold(),
+            failures: 0,
+            online: None,
+            backoff: d.poll_interval(),
+            next_due: Instant::now(),
+            stats: DeviceStats::default(),
+        }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn is_online(&self) -> Option<bool> {
+        self.online
+    }
+
+    /// Reads every point once. Readings share the poll's timestamp. An
+    /// exception only affects the points of that block (after the plan's
+    /// fallback); a timeout or a lost port ends the poll: the readings so
+    /// far are returned with the error.
+    pub async fn poll(
+        &mut self,
+        session: &mut Session,
+    ) -> (ReadingBatch, Result<(), RequestError>) {
+        let ts = now_ms();
+        let mut readings = Vec::with_capacity(self.points.len());
+        let mut queue: VecDeque<Block> = self.plan.blocks().iter().cloned().collect();
+        self.stats.polls += 1;
+        while let Some(block) = queue.pop_front() {
+            self.stats.requests += 1;
+            match session.read(self.slave, &block, self.timeout).await {
+                Ok(data) => self.decode_block(&block, &data, ts, &mut readings),
+                Err(RequestError::Exception(code)) => {
+                    self.stats.exceptions += 1;
+                    let parts = self.plan.split(&block);
+                    if parts.is_empty() {
+                        for &i in &block.points {
+                            if let Some(p) = self.points.get(i) {
+                                let why = format!(
+                                    "{} {} answered exception: {code}",
+                                    table_name(p.table),
+                                    p.address
+                                );
+                                readings.push(bad_reading(&self.name, p, ts, why));
+                            }
+                        }
+                    } else {
+                        tracing::info!(
+                            device = %self.name,
+                            table = table_name(block.table),
+                            start = block.start,
+                            count = block.count,
+                            %code,
+                            parts = parts.len(),
+                            "block read answered with an exception; reading it in smaller parts from now on"
+                        );
+                        for part in parts.into_iter().rev() {
+                            queue.push_front(part);
+                        }
+                    }
+                }
+                Err(e) => return (readings, Err(e)),
+            }
+        }
+        (readings, Ok(()))
+    }
+
+    fn decode_block(&self, block: &Block, data: &BlockData, ts: Millis, out: &mut ReadingBatch) {
+        for &i in &block.points {
+            let (Some(p), Some(span)) = (self.points.get(i), self.plan.span(i)) else {
+                continue;
+            };
+            let off = block.offset_of(span);
+            let value = match data {
+                BlockData::Bits(bits) => bits
+                    .get(off)
+                    .map(|b| Ok(p.format.decode_bit(*b)))
+                    .unwrap_or_else(|| Err("answer too short".to_string())),
+                BlockData::Words(words) => words
+                    .get(off..)
+                    .ok_or_else(|| "answer too short".to_string())
+                    .and_then(|w| p.format.decode(w).map_err(|e| e.to_string())),
+            };
+            out.push(match value {
+                Ok(value) => Reading {
+                    device: self.name.clone(),
+                    point: p.name.clone(),
+                    value,
+                    unit: p.unit.clone(),
+                    ts,
+                    quality: Quality::Good,
+                },
+                Err(why) => bad_reading(&self.name, p, ts, why),
+            });
+        }
+    }
+
+    /// Books the outcome of a poll and schedules the next one. Returns a
+    /// transition when the device went online or offline.
+    pub fn record(
+        &mut self,
+        result: &Result<(), RequestError>,
+        now: Instant,
+    ) -> Option<Transition> {
+        match result {
+            Ok(()) => {
+                self.failures = 0;
+                self.backoff = self.poll_every;
+                self.schedule_regular(now);
+                self.set_online(true, None)
+            }
+            Err(e) => {
+                self.stats.failed_polls += 1;
+                self.failures = self.failures.saturating_add(1);
+                if self.failures >= self.offline_after {
+                    let t = self.set_online(false, Some(e.to_string()));
+                    self.schedule_backoff(now);
+                    t
+                } else {
+                    self.schedule_regular(now);
+                    None
+                }
+            }
+        }
+    }
+
+    /// The transport is gone (port missing, adapter pulled, connection
+    /// refused): the device is offline at once, without counting polls.
+    pub fn transport_down(&mut self, reason: &str) -> Option<Transition> {
+        self.failures = self.failures.max(self.offline_after);
+        self.set_online(false, Some(reason.to_string()))
+    }
+
+    fn set_online(&mut self, online: bool, reason: Option<String>) -> Option<Transition> {
+        if self.online == Some(online) {
+            return None;
+        }
+        self.online = Some(online);
+        Some(Transition { online, reason })
+    }
+
+    /// Fixed rate; a device that fell behind is due now (it then waits its
+    /// turn behind devices that have waited longer).
+    fn schedule_regular(&mut self, now: Instant) {
+        self.next_due = (self.next_due + self.poll_every).max(now);
+    }
+
+    fn schedule_backoff(&mut self, now: Instant) {
+        self.next_due = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF.max(self.poll_every));
+    }
+
+    /// Writes `value` to the point named `point`.
+    pub async fn write(
+        &mut self,
+        session: &mut Session,
+        point: &str,
+        value: &Value,
+    ) -> CommandResult {
+        let name = self.name.clone();
+        let Some(p) = self.points.iter().find(|p| &*p.name == point) else {
+            return Err(format!("device `{name}` has no point `{point}`"));
+        };
+        if !p.writable {
+            return Err(format!(
+                "point `{name}/{point}` is read-only (set `writable: true` on it to allow writes)"
+            ));
+        }
+        let (addr, slave, timeout) = (p.address, self.slave, self.timeout);
+        let failed = |e: RequestError| format!("write to `{name}/{point}` failed: {e}");
+        let request = match p.table {
+            Table::Coil => {
+                let on = to_bool(value).map_err(|e| format!("`{name}/{point}`: {e}"))?;
+                Request::WriteSingleCoil(addr, on)
+            }
+            Table::Holding if p.format.bit.is_some() => {
+                // One bit of a register: read, change the bit, write back.
+                let block = Block {
+                    table: Table::Holding,
+                    start: addr,
+                    count: 1,
+                    points: Vec::new(),
+                    merge: super::plan::Merge::Solo,
+                };
+                let word = match session.read(slave, &block, timeout).await.map_err(failed)? {
+                    BlockData::Words(w) => w.first().copied().unwrap_or(0),
+                    BlockData::Bits(_) => 0,
+                };
+                let word = p
+                    .format
+                    .encode_bit(word, value)
+                    .map_err(|e| format!("`{name}/{point}`: {e}"))?;
+                Request::WriteSingleRegister(addr, word)
+            }
+            Table::Holding => {
+                let regs = p
+                    .format
+                    .encode(value)
+                    .map_err(|e| format!("`{name}/{point}`: {e}"))?;
+                match regs.as_slice() {
+                    [one] => Request::WriteSingleRegister(addr, *one),
+                    _ => Request::WriteMultipleRegisters(addr, Cow::Owned(regs)),
+                }
+            }
+            Table::Discrete | Table::Input => {
+                return Err(format!(
+                    "point `{name}/{point}` is in the {} table, which Modbus cannot write",
+                    table_name(p.table)
+                ))
+            }
+        };
+        self.stats.requests += 1;
+        session
+            .call(slave, request, timeout)
+            .await
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    /// The spans of the points, for tools that print the plan.
+    pub fn spans(&self) -> Vec<Span> {
+        self.points.iter().map(Span::of).collect()
+    }
+}
+
+/// A reading for a point that could not be read.
+fn bad_reading(device: &Arc<str>, p: &Point, ts: Millis, why: String) -> Reading {
+    Reading {
+        device: device.clone(),
+        point: p.name.clone(),
+        value: Value::Text(String::new()),
+        unit: p.unit.clone(),
+        ts,
+        quality: Quality::Bad(why),
+    }
+}
