@@ -77,10 +77,17 @@ impl Devices {
 /// Starts a task for every configured device.
 pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, DriverError> {
     let mut senders = HashMap::new();
+    let mut modbus_devices = Vec::new();
     for dev in &config.devices {
+        if dev.driver.is_modbus() {
+            // Devices sharing a serial port share one task: spawned below.
+            modbus_devices.push(dev);
+            continue;
+        }
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         match dev.driver {
             DriverKind::Simulator => simulator::spawn(dev.clone(), ctx.clone(), rx),
+            DriverKind::SerialLine => serial_line::spawn(dev, ctx, rx),
             other => {
                 return Err(DriverError::NotImplemented {
                     device: dev.name.clone(),
@@ -90,6 +97,7 @@ pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, Driver
         }
         senders.insert(dev.name.clone(), tx);
     }
+    senders.extend(modbus::spawn(&modbus_devices, ctx));
     Ok(Devices {
         senders: Arc::new(senders),
     })

@@ -1,11 +1,502 @@
-//! Device drivers against real Modbus servers on PTYs and TCP.
+//! Device drivers end to end: the real gateway polls real Modbus servers
+//! (tokio-modbus RTU over pseudo-terminals, TCP on loopback) and publishes
+//! on its embedded broker, where a real MQTT client checks the values.
 
 use std::time::Duration;
 
 use tokio_modbus::prelude::*;
 
-use crate::support::modbus_sim::{load_fixture, RtuBus, Sim, Table, TcpDevice};
+use crate::support::modbus_sim::{
+    fixture_points, load_fixture, Req, RtuBus, Sim, Table, TcpDevice,
+};
+use crate::support::{self, Client};
 
+const WAIT: Duration = Duration::from_secs(10);
+
+fn status_topic(device: &str) -> String {
+    format!("edgebridge/test-gw/devices/{device}/status")
+}
+
+/// A gateway config with `devices` and a mapping of every point to
+/// `d/<device>/<point>` (payload `value`).
+fn gateway_yaml(devices: &str, extra: &str) -> String {
+    support::yaml_with_broker(&format!(
+        "devices:\n{devices}mappings:\n  - {{ match: \"*/*\", topic: \"d/{{device}}/{{point}}\" }}\n{extra}"
+    ))
+}
+
+fn points_yaml(points: &[&str]) -> String {
+    points.iter().map(|p| format!("      - {p}\n")).collect()
+}
+
+/// Splits the request log of one slave into polls, each starting with
+/// the poll's first request (`first`), and returns the last complete one.
+fn last_complete_poll(reqs: &[Req], slave: u8, first: (u8, u16)) -> Vec<(u8, u16, u16)> {
+    let mine: Vec<&Req> = reqs
+        .iter()
+        .filter(|r| r.slave == slave && (1..=4).contains(&r.function))
+        .collect();
+    let starts: Vec<usize> = mine
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| (r.function, r.address) == first)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(starts.len() >= 3, "too few polls: {mine:?}");
+    let (a, b) = (starts[starts.len() - 2], starts[starts.len() - 1]);
+    mine[a..b]
+        .iter()
+        .map(|r| (r.function, r.address, r.count))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_values_of_every_type_and_order_arrive_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    load_fixture(&sim, 1);
+    sim.add_slave(2);
+    sim.set_holding(2, 100, &[0x4049, 0x0FDB]); // f32 3.1415927
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyRS485"));
+    let fixture = fixture_points();
+    let pts: Vec<&str> = fixture.iter().map(|p| p.yaml).collect();
+    let devices = format!(
+        "  - name: inverter\n    driver: modbus-rtu\n    port: {port}\n    slave: 1\n    poll: 200ms\n    points:\n{pts}\
+         \x20 - name: meter\n    driver: modbus-rtu\n    port: {port}\n    slave: 2\n    poll: 200ms\n    points:\n\
+         \x20     - {{ name: pi, table: holding, address: 100, type: f32 }}\n",
+        port = bus.path().display(),
+        pts = points_yaml(&pts),
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-rtu",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    for p in &fixture {
+        let got = c.expect(&format!("d/inverter/{}", p.name), WAIT).await;
+        assert_eq!(got.payload, p.expected, "point {}", p.name);
+    }
+    assert_eq!(c.expect("d/meter/pi", WAIT).await.payload, "3.1415927");
+    assert_eq!(
+        c.expect(&status_topic("inverter"), WAIT).await.payload,
+        "online"
+    );
+    assert_eq!(
+        c.expect(&status_topic("meter"), WAIT).await.payload,
+        "online"
+    );
+    // A few more polls, then look at what went over the wire.
+    c.drain_where(Duration::from_millis(700), |_| true).await;
+    gw.shutdown().await;
+    // Both devices went through the one port: one coalesced read per table.
+    let reqs = sim.requests();
+    let poll = last_complete_poll(&reqs, 1, (1, 1));
+    assert_eq!(poll, vec![(1, 1, 1), (2, 0, 1), (4, 10, 2), (3, 0, 41)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_uses_the_fewest_requests_and_survives_exceptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(7);
+    for a in 0..200u16 {
+        sim.set_holding(7, a, &[a]);
+    }
+    // Register 23 does not exist on this device; it is in a gap, not a point.
+    sim.set_exception(7, Table::Holding, 23);
+    // Register 60 is a configured point that the device rejects.
+    sim.set_exception(7, Table::Holding, 60);
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyA"));
+    // Scattered points; max_gap 4, max_registers 10.
+    let pts = [
+        "{ name: a0, table: holding, address: 0 }",
+        "{ name: a3, table: holding, address: 3 }", // gap 2: merged
+        "{ name: a8, table: holding, address: 8, type: u32 }", // gap 4: merged, 0..10
+        "{ name: a12, table: holding, address: 12 }", // 0..13 would be 13 > 10: new block
+        "{ name: a20, table: holding, address: 20 }", // 12..21: gap 7 > 4: new block
+        "{ name: a25, table: holding, address: 25 }", // 20..26 spans 23: exception
+        "{ name: a58, table: holding, address: 58 }",
+        "{ name: a59, table: holding, address: 59 }",
+        "{ name: a60, table: holding, address: 60 }", // bad point
+        "{ name: a61, table: holding, address: 61 }",
+        "{ name: a150, table: holding, address: 150 }",
+    ];
+    let devices = format!(
+        "  - name: plc\n    driver: modbus-rtu\n    port: {}\n    slave: 7\n    poll: 100ms\n    max_gap: 4\n    max_registers: 10\n    points:\n{}",
+        bus.path().display(),
+        points_yaml(&pts)
+    );
+    let yaml = support::yaml_with_broker(&format!(
+        "devices:\n{devices}mappings:\n  - {{ match: \"*/*\", topic: \"j/{{device}}/{{point}}\", payload: json }}\n"
+    ));
+    let gw = support::start(&yaml).await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-coalesce", &["j/#"]).await;
+    // Good points keep reporting; the bad one reports its error.
+    for (name, v) in [
+        ("a0", 0),
+        ("a25", 25),
+        ("a59", 59),
+        ("a61", 61),
+        ("a150", 150),
+    ] {
+        let got = c
+            .expect_where(WAIT, |g| {
+                g.topic == format!("j/plc/{name}")
+                    && g.payload.contains("\"value\":")
+                    && !g.payload.contains("null")
+            })
+            .await
+            .unwrap_or_else(|| panic!("no value for {name}"));
+        let j: serde_json::Value = serde_json::from_str(&got.payload).unwrap();
+        assert_eq!(j["value"], v, "{name}");
+    }
+    let bad = c.expect("j/plc/a60", WAIT).await;
+    let j: serde_json::Value = serde_json::from_str(&bad.payload).unwrap();
+    assert!(j["value"].is_null(), "{j}");
+    assert!(j["error"].as_str().unwrap().contains("exception"), "{j}");
+    // Let a few more polls run with the learned plan.
+    c.drain_where(Duration::from_millis(600), |_| true).await;
+    gw.shutdown().await;
+    let reqs = sim.requests();
+    // The first poll tried the coalesced blocks once and split the failing
+    // ones; from then on every poll uses the learned plan.
+    let first: Vec<(u8, u16, u16)> = reqs
+        .iter()
+        .take(4)
+        .map(|r| (r.function, r.address, r.count))
+        .collect();
+    assert_eq!(first[..3], [(3, 0, 10), (3, 12, 1), (3, 20, 6)]);
+    let poll = last_complete_poll(&reqs, 7, (3, 0));
+    assert_eq!(
+        poll,
+        vec![
+            (3, 0, 10),  // a0 a3 a8
+            (3, 12, 1),  // a12
+            (3, 20, 1),  // a20 (the gap at 23 is never read again)
+            (3, 25, 1),  // a25
+            (3, 58, 2),  // a58 a59, adjacent
+            (3, 60, 1),  // a60 alone: still polled, still bad
+            (3, 61, 1),  // a61
+            (3, 150, 1), // a150
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_slave_goes_offline_without_slowing_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(1);
+    sim.set_holding(1, 0, &[11]);
+    sim.add_slave(2);
+    sim.set_holding(2, 0, &[22]);
+    sim.set_silent(2, true);
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyB"));
+    let devices = format!(
+        "  - {{ name: good, driver: modbus-rtu, port: {p}, slave: 1, poll: 100ms, timeout: 150ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n\
+         \x20 - {{ name: dead, driver: modbus-rtu, port: {p}, slave: 2, poll: 100ms, timeout: 150ms, offline_after: 2, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        p = bus.path().display()
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-dead",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    let off = c.expect(&status_topic("dead"), WAIT).await;
+    let j: serde_json::Value = serde_json::from_str(&off.payload).unwrap();
+    assert_eq!(j["status"], "offline");
+    assert!(
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 150ms"),
+        "{j}"
+    );
+    // While the dead slave backs off, the good one keeps its rate: over a
+    // window, its polls stay close to window / poll interval.
+    let before = sim.reads(1);
+    let dead_before = sim.count(2);
+    let window = Duration::from_millis(2000);
+    tokio::time::sleep(window).await;
+    let good_polls = sim.reads(1) - before;
+    let dead_polls = sim.count(2) - dead_before;
+    // Ideal is 20; a dead slave polled at full rate would cost 150ms of
+    // every ~250ms and leave at most ~8.
+    assert!(
+        good_polls >= 12,
+        "good device polled only {good_polls} times"
+    );
+    assert!(
+        dead_polls <= 6,
+        "dead device polled {dead_polls} times in backoff"
+    );
+    let got = c.expect("d/good/v", WAIT).await;
+    assert_eq!(got.payload, "11");
+    // It comes back by itself.
+    sim.set_silent(2, false);
+    c.expect_where(Duration::from_secs(40), |g| {
+        g.topic == status_topic("dead") && g.payload == "online"
+    })
+    .await
+    .expect("dead slave back online");
+    assert_eq!(c.expect("d/dead/v", WAIT).await.payload, "22");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplugged_adapter_goes_offline_and_comes_back_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(1);
+    sim.set_holding(1, 0, &[1]);
+    let mut bus = RtuBus::start(&sim, &dir.path().join("ttyUSB0"));
+    let devices = format!(
+        "  - {{ name: inv, driver: modbus-rtu, port: {}, slave: 1, poll: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        bus.path().display()
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-unplug",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    assert_eq!(c.expect("d/inv/v", WAIT).await.payload, "1");
+    assert_eq!(c.expect(&status_topic("inv"), WAIT).await.payload, "online");
+    bus.unplug();
+    let off = c.expect(&status_topic("inv"), WAIT).await;
+    assert!(off.payload.contains("offline"), "{}", off.payload);
+    // Replugged (a new PTY behind the same path) with a new value.
+    sim.set_holding(1, 0, &[2]);
+    bus.plug();
+    let on = c.expect(&status_topic("inv"), WAIT).await;
+    assert_eq!(on.payload, "online");
+    c.expect_where(WAIT, |g| g.topic == "d/inv/v" && g.payload == "2")
+        .await
+        .expect("polling resumed");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_port_at_start_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ttyLATE");
+    let devices = format!(
+        "  - {{ name: late, driver: modbus-rtu, port: {}, slave: 1, poll: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        path.display()
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-late",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    let off = c.expect(&status_topic("late"), WAIT).await;
+    assert!(off.payload.contains("cannot open"), "{}", off.payload);
+    let sim = Sim::new();
+    sim.add_slave(1);
+    sim.set_holding(1, 0, &[5]);
+    let _bus = RtuBus::start(&sim, &path);
+    assert_eq!(c.expect("d/late/v", WAIT).await.payload, "5");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_write_coils_and_registers_and_report_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(1);
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyW"));
+    let devices = format!(
+        "  - name: inv\n    driver: modbus-rtu\n    port: {}\n    slave: 1\n    poll: 200ms\n    points:\n{}",
+        bus.path().display(),
+        points_yaml(&[
+            "{ name: led, table: coil, address: 1, writable: true }",
+            "{ name: limit, table: holding, address: 10, type: f32, order: CDAB, writable: true }",
+            "{ name: setpoint, table: holding, address: 20, type: i16, scale: 0.1, writable: true }",
+            "{ name: flags, table: holding, address: 30, bit: 2, writable: true }",
+            "{ name: temp, table: holding, address: 40, type: i16 }",
+        ])
+    );
+    let extra = "commands:\n  - { topic: cmd/led, write: inv/led }\n  - { topic: cmd/limit, write: inv/limit }\n  - { topic: cmd/setpoint, write: inv/setpoint }\n  - { topic: cmd/flags, write: inv/flags }\n";
+    sim.set_holding(1, 30, &[0x8001]);
+    let gw = support::start(&gateway_yaml(&devices, extra)).await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-write", &["cmd/+/result", "d/#"]).await;
+    let client = c.client.clone();
+    let publish = |topic: &'static str, payload: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap()
+        }
+    };
+    publish("cmd/led", "on").await;
+    let r = c.expect("cmd/led/result", WAIT).await;
+    assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    assert!(sim.coil(1, 1));
+    publish("cmd/limit", "123.456").await;
+    let r = c.expect("cmd/limit/result", WAIT).await;
+    assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    assert_eq!(sim.holding(1, 10, 2), vec![0xE979, 0x42F6]);
+    publish("cmd/setpoint", "-21.5").await;
+    let r = c.expect("cmd/setpoint/result", WAIT).await;
+    assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    assert_eq!(sim.holding(1, 20, 1), vec![(-215i16) as u16]);
+    publish("cmd/flags", "1").await;
+    let r = c.expect("cmd/flags/result", WAIT).await;
+    assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    assert_eq!(sim.holding(1, 30, 1), vec![0x8005], "only bit 2 changed");
+    // Out of range for an i16 after scaling: a clear error, nothing written.
+    publish("cmd/setpoint", "4000").await;
+    let r = c.expect("cmd/setpoint/result", WAIT).await;
+    let j: serde_json::Value = serde_json::from_str(&r.payload).unwrap();
+    assert_eq!(j["ok"], false);
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("out of range for i16"),
+        "{j}"
+    );
+    assert_eq!(sim.holding(1, 20, 1), vec![(-215i16) as u16]);
+    // The new values are read back by the next polls.
+    c.expect_where(WAIT, |g| g.topic == "d/inv/led" && g.payload == "true")
+        .await
+        .expect("coil read back");
+    c.expect_where(WAIT, |g| {
+        g.topic == "d/inv/setpoint" && g.payload == "-21.5"
+    })
+    .await
+    .expect("setpoint read back");
+    // Read-only and unknown points are refused with a reason.
+    let e = gw
+        .devices()
+        .write("inv", "temp", edgebridge::model::Value::Int(1))
+        .await
+        .unwrap_err();
+    assert!(e.contains("read-only"), "{e}");
+    let e = gw
+        .devices()
+        .write("inv", "nope", edgebridge::model::Value::Int(1))
+        .await
+        .unwrap_err();
+    assert!(e.contains("no point `nope`"), "{e}");
+    gw.shutdown().await;
+    let writes: Vec<u8> = sim
+        .requests()
+        .iter()
+        .map(|r| r.function)
+        .filter(|f| !(1..=4).contains(f))
+        .collect();
+    assert_eq!(
+        writes,
+        vec![5, 16, 6, 6],
+        "FC05 coil, FC16 f32, FC06 i16, FC06 bit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_tcp_reads_writes_and_reconnects() {
+    let sim = Sim::new();
+    load_fixture(&sim, 1);
+    let mut dev = TcpDevice::start(&sim).await;
+    let devices = format!(
+        "  - name: meter\n    driver: modbus-tcp\n    address: \"{}\"\n    slave: 1\n    poll: 100ms\n    points:\n{}",
+        dev.addr(),
+        points_yaml(&[
+            "{ name: f32_cdab, table: holding, address: 13, type: f32, order: CDAB }",
+            "{ name: energy, table: input, address: 10, type: u32, order: CDAB }",
+            "{ name: led, table: coil, address: 1, writable: true }",
+        ])
+    );
+    let extra = "commands:\n  - { topic: cmd/led, write: meter/led }\n";
+    let gw = support::start(&gateway_yaml(&devices, extra)).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-tcp",
+        &["d/#", "cmd/+/result", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    assert_eq!(c.expect("d/meter/f32_cdab", WAIT).await.payload, "123.456");
+    assert_eq!(c.expect("d/meter/energy", WAIT).await.payload, "123456");
+    assert_eq!(
+        c.expect(&status_topic("meter"), WAIT).await.payload,
+        "online"
+    );
+    c.client
+        .publish("cmd/led", rumqttc::QoS::AtLeastOnce, false, "true")
+        .await
+        .unwrap();
+    let r = c.expect("cmd/led/result", WAIT).await;
+    assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    assert!(sim.coil(1, 1));
+    // The PLC restarts: connection refused for a while.
+    dev.stop();
+    let off = c.expect(&status_topic("meter"), WAIT).await;
+    assert!(off.payload.contains("offline"), "{}", off.payload);
+    sim.set_input(1, 10, &[0xE241, 0x0001]);
+    dev.restart().await;
+    assert_eq!(
+        c.expect(&status_topic("meter"), WAIT).await.payload,
+        "online"
+    );
+    c.expect_where(WAIT, |g| {
+        g.topic == "d/meter/energy" && g.payload == "123457"
+    })
+    .await
+    .expect("polling resumed after reconnect");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_line_is_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(1);
+    sim.set_holding(1, 0, &[42]);
+    let mut bus = RtuBus::start(&sim, &dir.path().join("ttyG"));
+    let devices = format!(
+        "  - {{ name: inv, driver: modbus-rtu, port: {}, slave: 1, poll: 50ms, timeout: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        bus.path().display()
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-garbage", &["d/#"]).await;
+    assert_eq!(c.expect("d/inv/v", WAIT).await.payload, "42");
+    // Random bytes, and a well-formed answer with a wrong CRC, while the
+    // gateway polls.
+    let mut x: u32 = 0x1234_5678;
+    for round in 0..40 {
+        let mut junk = Vec::new();
+        for _ in 0..(7 + round % 13) {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            junk.push((x >> 24) as u8);
+        }
+        bus.write_raw(&junk);
+        bus.write_raw(&[0x01, 0x03, 0x02, 0x00, 0x2A, 0xDE, 0xAD]);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    // Polling continues with correct values once the line is clean.
+    sim.set_holding(1, 0, &[43]);
+    c.expect_where(WAIT, |g| g.topic == "d/inv/v" && g.payload == "43")
+        .await
+        .expect("polling continues after garbage");
+    c.drain_where(Duration::ZERO, |_| true).await;
+    let seen = c
+        .drain_where(Duration::from_millis(300), |g| g.topic == "d/inv/v")
+        .await;
+    assert!(seen.iter().all(|g| g.payload == "43"), "{seen:?}");
+    gw.shutdown().await;
+}
+
+/// The simulator itself, without the gateway: several slaves on one PTY,
+/// exceptions, silence, unplug and replug.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulator_serves_several_slaves_on_one_pty() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,7 +537,6 @@ async fn simulator_serves_several_slaves_on_one_pty() {
     assert_eq!(sim.count(1), 1);
     assert_eq!(sim.count(2), 2);
     assert_eq!(sim.count(3), 1);
-    // Unplug: the gateway's end sees EOF or an error, never data.
     bus.unplug();
     ctx.set_slave(Slave(1));
     let r = tokio::time::timeout(t, ctx.read_holding_registers(0, 1)).await;
@@ -60,19 +550,4 @@ async fn simulator_serves_several_slaves_on_one_pty() {
         .unwrap()
         .unwrap();
     assert_eq!(regs, vec![0x1234]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulator_serves_tcp_and_restarts() {
-    let sim = Sim::new();
-    load_fixture(&sim, 1);
-    let mut dev = TcpDevice::start(&sim).await;
-    let mut ctx = tcp::connect_slave(dev.addr(), Slave(1)).await.unwrap();
-    ctx.write_single_coil(1, true).await.unwrap().unwrap();
-    assert!(sim.coil(1, 1));
-    dev.stop();
-    assert!(ctx.read_coils(1, 1).await.is_err());
-    dev.restart().await;
-    let mut ctx = tcp::connect_slave(dev.addr(), Slave(1)).await.unwrap();
-    assert_eq!(ctx.read_coils(1, 1).await.unwrap().unwrap(), vec![true]);
 }

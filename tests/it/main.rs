@@ -5,6 +5,6 @@ mod support;
 
 mod cli;
 mod config;
+mod drivers;
 mod gateway;
 mod interop;
-mod drivers;

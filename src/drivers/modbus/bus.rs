@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::drivers::reply;
 use crate::model::{Command, ReadingBatch};
+use crate::status::Status;
 
 use super::device::{Device, Transition, MAX_BACKOFF};
 use super::session::Session;
@@ -22,16 +24,12 @@ use super::session::Session;
 /// First wait before reopening a lost port; doubles up to [`MAX_BACKOFF`].
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Where device status changes go (the gateway's status topics).
-pub trait StatusReport: Send + Sync + 'static {
-    fn device(&self, name: &str, online: bool, reason: Option<&str>);
-}
-
 /// Inputs and outputs of a bus task.
 pub struct BusIo {
     pub readings: mpsc::Sender<ReadingBatch>,
+    /// Writes for any device on this bus.
     pub commands: mpsc::Receiver<Command>,
-    pub status: std::sync::Arc<dyn StatusReport>,
+    pub status: Status,
     pub shutdown: CancellationToken,
 }
 
@@ -134,7 +132,7 @@ impl Bus {
             Err(e) => {
                 self.open_failures += 1;
                 let why = format!("cannot open {endpoint}: {e}");
-                self.transport_down(why);
+                self.transport_down(why).await;
                 false
             }
         }
@@ -150,7 +148,7 @@ impl Bus {
     }
 
     /// Marks every device offline; logs the first time per outage.
-    fn transport_down(&mut self, why: String) {
+    async fn transport_down(&mut self, why: String) {
         if self.down.is_none() {
             tracing::warn!(reason = %why, "transport down; retrying with backoff");
         } else {
@@ -158,7 +156,7 @@ impl Bus {
         }
         for i in 0..self.devices.len() {
             let t = self.devices[i].transport_down(&why);
-            self.report(i, t);
+            self.report(i, t).await;
         }
         self.down = Some(why);
     }
@@ -202,9 +200,9 @@ impl Bus {
         match self.session.take_lost() {
             Some(why) => {
                 let why = format!("{} lost: {why}", self.session.endpoint());
-                self.transport_down(why);
+                self.transport_down(why).await;
             }
-            None => self.report(idx, transition),
+            None => self.report(idx, transition).await,
         }
     }
 
@@ -229,11 +227,11 @@ impl Bus {
         reply(cmd, result);
         if let Some(why) = self.session.take_lost() {
             let why = format!("{} lost: {why}", self.session.endpoint());
-            self.transport_down(why);
+            self.transport_down(why).await;
         }
     }
 
-    fn report(&self, idx: usize, t: Option<Transition>) {
+    async fn report(&mut self, idx: usize, t: Option<Transition>) {
         let (Some(t), Some(d)) = (t, self.devices.get(idx)) else {
             return;
         };
@@ -244,12 +242,7 @@ impl Bus {
         }
         self.io
             .status
-            .device(&d.name, t.online, t.reason.as_deref());
-    }
-}
-
-fn reply(cmd: Command, result: crate::model::CommandResult) {
-    if let Some(tx) = cmd.reply {
-        let _ = tx.send(result);
+            .device(&d.name, t.online, t.reason.as_deref())
+            .await;
     }
 }

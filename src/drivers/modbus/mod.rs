@@ -8,3 +8,85 @@ pub mod plan;
 pub mod point;
 pub mod session;
 pub mod transport;
+
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use crate::config::{DeviceConfig, DriverKind};
+use crate::drivers::DriverContext;
+use crate::model::Command;
+
+use bus::{Bus, BusIo};
+use device::Device;
+use session::{Endpoint, Session};
+
+/// Writes waiting for one bus.
+const COMMAND_QUEUE: usize = 64;
+
+/// Starts one task per serial port (shared by every modbus-rtu device on
+/// it) and one per modbus-tcp device. Returns each device's command sender.
+pub fn spawn(
+    devices: &[&DeviceConfig],
+    ctx: &DriverContext,
+) -> Vec<(String, mpsc::Sender<Command>)> {
+    // Serial devices grouped by port, in config order.
+    let mut groups: Vec<(Endpoint, Vec<&DeviceConfig>)> = Vec::new();
+    for d in devices {
+        let endpoint = match d.driver {
+            DriverKind::ModbusRtu => Endpoint::Serial {
+                path: d.port.clone().unwrap_or_default(),
+                settings: d.line_settings(),
+                frame_gap: d.frame_gap(),
+            },
+            DriverKind::ModbusTcp => Endpoint::Tcp {
+                address: d.address.clone().unwrap_or_default(),
+            },
+            _ => continue,
+        };
+        let shared = matches!(endpoint, Endpoint::Serial { .. });
+        match groups
+            .iter_mut()
+            .find(|(e, _)| shared && same_port(e, &endpoint))
+        {
+            Some((e, list)) => {
+                // The bus keeps the longest silence any device asks for.
+                if let (Endpoint::Serial { frame_gap, .. }, Endpoint::Serial { frame_gap: g, .. }) =
+                    (e, &endpoint)
+                {
+                    *frame_gap = (*frame_gap).max(*g);
+                }
+                list.push(d);
+            }
+            None => groups.push((endpoint, vec![d])),
+        }
+    }
+    let mut senders = Vec::new();
+    for (endpoint, list) in groups {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        for d in &list {
+            senders.push((d.name.clone(), tx.clone()));
+        }
+        let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
+        tracing::info!(%endpoint, devices = ?names, "starting Modbus bus");
+        let span = tracing::info_span!("modbus", %endpoint);
+        let bus = Bus::new(
+            Session::new(endpoint),
+            list.iter().map(|d| Device::from_config(d)).collect(),
+            BusIo {
+                readings: ctx.readings.clone(),
+                commands: rx,
+                status: ctx.status.clone(),
+                shutdown: ctx.shutdown.clone(),
+            },
+        );
+        ctx.tasks.spawn(bus.run().instrument(span));
+    }
+    senders
+}
+
+fn same_port(a: &Endpoint, b: &Endpoint) -> bool {
+    match (a, b) {
+        (Endpoint::Serial { path: p, .. }, Endpoint::Serial { path: q, .. }) => p == q,
+        _ => false,
+    }
+}

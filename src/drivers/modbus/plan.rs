@@ -11,7 +11,9 @@
 //! [`Plan`] therefore remembers, per point, how freely it may be merged:
 //! a block that fails is re-planned without gaps ([`Merge::Tight`]), and if
 //! that fails too, point by point ([`Merge::Solo`]). A single point that
-//! still fails is the bad one; the others keep reporting.
+//! still fails is the bad one ([`Merge::Bad`]): it is read alone from then
+//! on, and the points that were split apart with it may merge again around
+//! it. The others keep reporting.
 
 use crate::config::{DeviceConfig, Table};
 
@@ -74,6 +76,9 @@ pub enum Merge {
     Tight,
     /// Read on its own.
     Solo,
+    /// Answered an exception on its own: read alone (and reported bad);
+    /// no block spans it.
+    Bad,
 }
 
 /// The place of one point: table, first address, length.
@@ -128,7 +133,7 @@ pub fn coalesce(points: &[(usize, Span, Merge)], limits: &Limits) -> Vec<Block> 
         if let Some((block, end)) = open.as_mut() {
             let fits = block.table == span.table
                 && block.merge == merge
-                && merge != Merge::Solo
+                && matches!(merge, Merge::Normal | Merge::Tight)
                 && gap(*end, span) <= allowed_gap(merge, limits)
                 && (*end).max(span.end()) - u32::from(block.start) <= limits.max(span.table);
             if fits {
@@ -165,7 +170,7 @@ fn gap(end: u32, next: Span) -> u32 {
 fn allowed_gap(merge: Merge, limits: &Limits) -> u32 {
     match merge {
         Merge::Normal => limits.max_gap.into(),
-        Merge::Tight | Merge::Solo => 0,
+        Merge::Tight | Merge::Solo | Merge::Bad => 0,
     }
 }
 
@@ -185,6 +190,9 @@ pub struct Plan {
     merge: Vec<Merge>,
     limits: Limits,
     blocks: Vec<Block>,
+    /// Points split into solo reads together, until one of them turns out
+    /// to be the bad one.
+    solo_groups: Vec<Vec<usize>>,
 }
 
 impl Plan {
@@ -195,6 +203,7 @@ impl Plan {
             merge,
             limits,
             blocks: Vec::new(),
+            solo_groups: Vec::new(),
         };
         plan.blocks = plan.coalesce_where(|_| true);
         plan
@@ -228,8 +237,9 @@ impl Plan {
                 .first()
                 .is_some_and(|&f| self.spans.get(f) == self.spans.get(i))
         });
-        if block.merge == Merge::Solo || single {
-            self.set_merge(&block.points, Merge::Solo);
+        if matches!(block.merge, Merge::Solo | Merge::Bad) || single {
+            self.set_merge(&block.points, Merge::Bad);
+            self.release_siblings(&block.points);
             self.blocks = self.coalesce_where(|_| true);
             return Vec::new();
         }
@@ -246,14 +256,35 @@ impl Plan {
             self.set_merge(&block.points, next);
             parts = self.coalesce_where(|i| block.points.contains(&i));
         }
+        if next == Merge::Solo {
+            self.solo_groups.push(block.points.clone());
+        }
         self.blocks = self.coalesce_where(|_| true);
         parts
+    }
+
+    /// `bad` are known bad now: the points that were split into solo reads
+    /// together with them may merge (without gaps) again, since blocks
+    /// never span a bad point. Happens once per group, so a group that
+    /// fails again for another reason stays solo.
+    fn release_siblings(&mut self, bad: &[usize]) {
+        let (hit, keep): (Vec<Vec<usize>>, Vec<Vec<usize>>) = std::mem::take(&mut self.solo_groups)
+            .into_iter()
+            .partition(|g| g.iter().any(|i| bad.contains(i)));
+        self.solo_groups = keep;
+        for i in hit.into_iter().flatten() {
+            if let Some(m) = self.merge.get_mut(i) {
+                if *m == Merge::Solo {
+                    *m = Merge::Tight;
+                }
+            }
+        }
     }
 
     fn set_merge(&mut self, points: &[usize], m: Merge) {
         for &i in points {
             if let Some(slot) = self.merge.get_mut(i) {
-                *slot = (*slot).max(m);
+                *slot = m;
             }
         }
     }
@@ -434,10 +465,17 @@ mod tests {
         // Only the single block at 4 fails: it is the bad point.
         let bad = parts.iter().find(|b| b.start == 4).unwrap().clone();
         assert!(plan.split(&bad).is_empty());
-        assert_eq!(plan.merge_of(4), Some(Merge::Solo));
-        // From now on: ten solo reads for 0..10 (remembered), 20, and the
-        // 15, and the untouched block at 60: the bad point hides nothing.
-        assert_eq!(plan.blocks().len(), 12);
+        assert_eq!(plan.merge_of(4), Some(Merge::Bad));
+        // From now on: 0..4, the bad 4 alone, 5..10, 15, and the untouched
+        // block at 60: the bad point hides nothing.
+        assert_eq!(
+            ranges(plan.blocks()),
+            vec![(0, 4), (4, 1), (5, 5), (15, 1), (60, 1)]
+        );
+        // If 0..4 still fails as a block, its points stay solo for good.
+        let parts = plan.split(&plan.blocks()[0].clone());
+        assert_eq!(parts.len(), 4);
+        assert_eq!(plan.blocks().len(), 8);
     }
 
     #[test]
@@ -447,6 +485,19 @@ mod tests {
         let parts = plan.split(&plan.blocks()[0].clone());
         assert_eq!(ranges(&parts), vec![(0, 1), (1, 1), (2, 1)]);
         assert_eq!(plan.blocks().len(), 3);
+        // The middle one is bad: the others cannot merge around it.
+        assert!(plan.split(&parts[1]).is_empty());
+        assert_eq!(ranges(plan.blocks()), vec![(0, 1), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn good_neighbours_of_a_bad_point_merge_again() {
+        // 58..62 contiguous, 60 bad: 58 and 59 read together afterwards.
+        let mut plan = Plan::new((58..62).map(|a| reg(a, 1)).collect(), Limits::default());
+        let parts = plan.split(&plan.blocks()[0].clone());
+        assert_eq!(parts.len(), 4);
+        assert!(plan.split(&parts[2]).is_empty());
+        assert_eq!(ranges(plan.blocks()), vec![(58, 2), (60, 1), (61, 1)]);
     }
 
     #[test]
@@ -454,7 +505,7 @@ mod tests {
         let mut plan = Plan::new(vec![reg(0, 2), reg(100, 1)], Limits::default());
         let b = plan.blocks()[1].clone();
         assert!(plan.split(&b).is_empty());
-        assert_eq!(plan.merge_of(1), Some(Merge::Solo));
+        assert_eq!(plan.merge_of(1), Some(Merge::Bad));
         assert_eq!(plan.blocks().len(), 2);
     }
 

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::{DeviceConfig, LineSettings};
-use crate::drivers::modbus::bus::StatusReport;
 use crate::drivers::modbus::transport::open_serial;
-use crate::model::{now_ms, Quality, Reading, ReadingBatch, Value};
+use crate::drivers::{reply, DriverContext};
+use crate::model::{now_ms, Command, Quality, Reading, ReadingBatch, Value};
 
 use codec::{LineFramer, DEFAULT_DELIMITER, DEFAULT_MAX_LINE};
 
@@ -27,6 +27,14 @@ pub const LINE_POINT: &str = "line";
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Starts the task of one serial-line device.
+pub fn spawn(dev: &DeviceConfig, ctx: &DriverContext, commands: mpsc::Receiver<Command>) {
+    let task = SerialLine::from_config(dev);
+    let span = tracing::info_span!("serial_line", device = %dev.name);
+    ctx.tasks
+        .spawn(task.run(ctx.clone(), commands).instrument(span));
+}
+
 /// A serial-line device.
 pub struct SerialLine {
     name: Arc<str>,
@@ -35,6 +43,12 @@ pub struct SerialLine {
     framer: LineFramer,
     point: Arc<str>,
     unit: Option<Arc<str>>,
+    online: Option<bool>,
+}
+
+enum Stop {
+    Shutdown,
+    Lost(String),
 }
 
 impl SerialLine {
@@ -53,97 +67,117 @@ impl SerialLine {
             ),
             point: Arc::from(LINE_POINT),
             unit,
+            online: None,
         }
     }
 
     /// Reads lines until shutdown, reopening the port as needed.
-    pub async fn run(
-        mut self,
-        readings: mpsc::Sender<ReadingBatch>,
-        status: Arc<dyn StatusReport>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, ctx: DriverContext, mut commands: mpsc::Receiver<Command>) {
         let mut backoff = FIRST_BACKOFF;
         let mut down: Option<String> = None;
-        let mut online: Option<bool> = None;
-        let set = |on: bool, why: Option<&str>, online: &mut Option<bool>| {
-            if *online != Some(on) {
-                *online = Some(on);
-                status.device(&self.name, on, why);
-            }
-        };
-        while !shutdown.is_cancelled() {
-            let mut port = match open_serial(&self.port, &self.settings) {
-                Ok(p) => p,
+        while !ctx.shutdown.is_cancelled() {
+            let why = match open_serial(&self.port, &self.settings) {
+                Ok(port) => {
+                    if down.take().is_some() {
+                        tracing::info!(device = %self.name, port = %self.port, "serial port is back");
+                    }
+                    backoff = FIRST_BACKOFF;
+                    self.set_online(&ctx, true, None).await;
+                    match self.read_lines(port, &ctx, &mut commands).await {
+                        Stop::Shutdown => return,
+                        Stop::Lost(why) => {
+                            let why = format!("{} lost: {why}", self.port);
+                            tracing::warn!(device = %self.name, reason = %why, "serial port lost; reopening with backoff");
+                            why
+                        }
+                    }
+                }
                 Err(e) => {
                     let why = format!("cannot open {}: {e}", self.port);
                     if down.is_none() {
                         tracing::warn!(device = %self.name, reason = %why, "serial port unavailable; retrying with backoff");
                     }
-                    set(false, Some(&why), &mut online);
-                    down = Some(why);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
+                    why
                 }
             };
-            if down.take().is_some() {
-                tracing::info!(device = %self.name, port = %self.port, "serial port is back");
-            }
-            backoff = FIRST_BACKOFF;
-            set(true, None, &mut online);
-            self.framer.reset();
-            let mut buf = [0u8; 512];
-            let mut lines = Vec::new();
-            let why = loop {
-                let n = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = port.read(&mut buf) => r,
-                };
-                match n {
-                    Ok(0) => break "end of file (device unplugged)".to_string(),
-                    Err(e) => break e.to_string(),
-                    Ok(n) => {
-                        let before = self.framer.stats();
-                        self.framer.feed(&buf[..n], &mut lines);
-                        let after = self.framer.stats();
-                        if after.oversize > before.oversize {
-                            tracing::warn!(device = %self.name, dropped_total = after.oversize, "line longer than max_line_length dropped");
-                        }
-                        if lines.is_empty() {
-                            continue;
-                        }
-                        let ts = now_ms();
-                        let batch: ReadingBatch = lines
-                            .drain(..)
-                            .map(|line| Reading {
-                                device: self.name.clone(),
-                                point: self.point.clone(),
-                                value: Value::Text(line),
-                                unit: self.unit.clone(),
-                                ts,
-                                quality: Quality::Good,
-                            })
-                            .collect();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            r = readings.send(batch) => if r.is_err() { return },
-                        }
-                    }
+            self.set_online(&ctx, false, Some(&why)).await;
+            down = Some(why.clone());
+            let until = tokio::time::Instant::now() + backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            loop {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    Some(cmd) = commands.recv() => reject(cmd, &self.name),
+                    _ = tokio::time::sleep_until(until) => break,
                 }
-            };
-            let why = format!("{} lost: {why}", self.port);
-            tracing::warn!(device = %self.name, reason = %why, "serial port lost; reopening with backoff");
-            set(false, Some(&why), &mut online);
-            down = Some(why);
-            drop(port);
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
             }
         }
     }
+
+    async fn set_online(&mut self, ctx: &DriverContext, on: bool, why: Option<&str>) {
+        if self.online != Some(on) {
+            self.online = Some(on);
+            ctx.status.device(&self.name, on, why).await;
+        }
+    }
+
+    async fn read_lines(
+        &mut self,
+        mut port: tokio_serial::SerialStream,
+        ctx: &DriverContext,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Stop {
+        self.framer.reset();
+        let mut buf = [0u8; 512];
+        let mut lines = Vec::new();
+        loop {
+            let n = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Stop::Shutdown,
+                Some(cmd) = commands.recv() => {
+                    reject(cmd, &self.name);
+                    continue;
+                }
+                r = port.read(&mut buf) => r,
+            };
+            let n = match n {
+                // A hung-up tty reads 0 bytes forever: the port is gone.
+                Ok(0) => return Stop::Lost("end of file (device unplugged)".into()),
+                Err(e) => return Stop::Lost(e.to_string()),
+                Ok(n) => n,
+            };
+            let before = self.framer.stats();
+            self.framer.feed(&buf[..n], &mut lines);
+            let after = self.framer.stats();
+            if after.oversize > before.oversize {
+                tracing::warn!(device = %self.name, dropped_total = after.oversize, "line longer than max_line_length dropped");
+            }
+            if after.invalid_utf8 > before.invalid_utf8 {
+                tracing::debug!(device = %self.name, total = after.invalid_utf8, "line with invalid UTF-8 (replaced)");
+            }
+            if lines.is_empty() {
+                continue;
+            }
+            let ts = now_ms();
+            let batch: ReadingBatch = lines
+                .drain(..)
+                .map(|line| Reading {
+                    device: self.name.clone(),
+                    point: self.point.clone(),
+                    value: Value::Text(line),
+                    unit: self.unit.clone(),
+                    ts,
+                    quality: Quality::Good,
+                })
+                .collect();
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Stop::Shutdown,
+                r = ctx.readings.send(batch) => if r.is_err() { return Stop::Shutdown },
+            }
+        }
+    }
+}
+
+fn reject(cmd: Command, device: &str) {
+    let why = format!("device `{device}` is a serial-line device and cannot be written");
+    reply(cmd, Err(why));
 }
