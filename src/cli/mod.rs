@@ -1,6 +1,8 @@
 //! The command line. `anyhow` lives here only; exit codes: 0 ok,
 //! 1 runtime failure, 2 bad config or usage.
 
+mod read;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -37,6 +39,10 @@ pub enum Command {
         /// The username.
         user: String,
     },
+    /// Read a Modbus device once and print the values: every point of a
+    /// configured device (`--device NAME`), or raw registers from a port
+    /// (`--port` or `--tcp`) decoded as every type in every byte order.
+    Read(read::ReadArgs),
 }
 
 /// Exit status for a config that does not load.
@@ -49,6 +55,7 @@ pub fn main() -> ExitCode {
         Command::Run => run(&cli.config),
         Command::Check => check(&cli.config),
         Command::Passwd { user } => report(passwd(&user)),
+        Command::Read(args) => read::main(&cli.config, &args),
     }
 }
 

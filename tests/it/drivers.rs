@@ -551,3 +551,111 @@ async fn simulator_serves_several_slaves_on_one_pty() {
         .unwrap();
     assert_eq!(regs, vec![0x1234]);
 }
+
+/// Runs the real binary to completion (off the async threads, so the
+/// simulator keeps serving meanwhile).
+async fn edgebridge(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edgebridge"))
+            .args(&args)
+            .env("EDGEBRIDGE_LOG", "warn")
+            .output()
+            .expect("edgebridge runs")
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_command_shows_every_order_and_a_devices_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    load_fixture(&sim, 1);
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyCLI"));
+    let port = bus.path().display().to_string();
+    // One-off: the f32 at 13 is stored word-swapped; CDAB shows it.
+    let out = edgebridge(
+        [
+            "read",
+            "--port",
+            &port,
+            "--slave",
+            "1",
+            "--address",
+            "13",
+            "--count",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f32_line = stdout
+        .lines()
+        .find(|l| l.contains(" f32 "))
+        .expect("f32 line");
+    let cols: Vec<&str> = f32_line.split_whitespace().collect();
+    assert_eq!(cols[..2], ["13", "f32"], "{stdout}");
+    assert_eq!(cols[3], "123.456", "CDAB column: {stdout}");
+    assert_ne!(cols[2], "123.456", "ABCD column: {stdout}");
+    // With the config: every point once, decoded as configured.
+    let fixture = fixture_points();
+    let pts: Vec<&str> = fixture.iter().map(|p| p.yaml).collect();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway: {{ id: cli }}\ndevices:\n  - name: inverter\n    driver: modbus-rtu\n    port: {port}\n    slave: 1\n    points:\n{}",
+            points_yaml(&pts)
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let out = edgebridge(
+        ["-c", &cfg, "read", "--device", "inverter"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("inverter: slave 1 via"), "{stdout}");
+    if std::env::var_os("SHOW_READ").is_some() {
+        eprintln!("{stdout}");
+    }
+    assert!(stdout.contains("in 4 requests"), "{stdout}");
+    for p in &fixture {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(p.name))
+            .unwrap_or_else(|| panic!("no line for {}: {stdout}", p.name));
+        assert_eq!(line.split_whitespace().nth(1), Some(p.expected), "{line}");
+    }
+    // A device the config does not have: usage error.
+    let out = edgebridge(
+        ["-c", &cfg, "read", "--device", "nope"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    // A port that does not exist: runtime error with the reason.
+    let out = edgebridge(
+        ["read", "--port", "/dev/ttyNOPE9"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /dev/ttyNOPE9"));
+}

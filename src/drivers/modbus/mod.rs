@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod decode;
 pub mod device;
+pub mod inspect;
 pub mod plan;
 pub mod point;
 pub mod session;
@@ -32,16 +33,8 @@ pub fn spawn(
     // Serial devices grouped by port, in config order.
     let mut groups: Vec<(Endpoint, Vec<&DeviceConfig>)> = Vec::new();
     for d in devices {
-        let endpoint = match d.driver {
-            DriverKind::ModbusRtu => Endpoint::Serial {
-                path: d.port.clone().unwrap_or_default(),
-                settings: d.line_settings(),
-                frame_gap: d.frame_gap(),
-            },
-            DriverKind::ModbusTcp => Endpoint::Tcp {
-                address: d.address.clone().unwrap_or_default(),
-            },
-            _ => continue,
+        let Some(endpoint) = endpoint_of(d) else {
+            continue;
         };
         let shared = matches!(endpoint, Endpoint::Serial { .. });
         match groups
@@ -82,6 +75,21 @@ pub fn spawn(
         ctx.tasks.spawn(bus.run().instrument(span));
     }
     senders
+}
+
+/// Where a Modbus device is reached; `None` for other drivers.
+pub fn endpoint_of(d: &DeviceConfig) -> Option<Endpoint> {
+    match d.driver {
+        DriverKind::ModbusRtu => Some(Endpoint::Serial {
+            path: d.port.clone().unwrap_or_default(),
+            settings: d.line_settings(),
+            frame_gap: d.frame_gap(),
+        }),
+        DriverKind::ModbusTcp => Some(Endpoint::Tcp {
+            address: d.address.clone().unwrap_or_default(),
+        }),
+        _ => None,
+    }
 }
 
 fn same_port(a: &Endpoint, b: &Endpoint) -> bool {
