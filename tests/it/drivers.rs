@@ -659,3 +659,40 @@ async fn read_command_shows_every_order_and_a_devices_points() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /dev/ttyNOPE9"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_line_turns_each_line_into_a_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut port = crate::support::pty::LinePort::start(&dir.path().join("ttyGPS"));
+    let yaml = support::yaml_with_broker(&format!(
+        "devices:\n  - {{ name: gps, driver: serial-line, port: {}, baud: 4800, max_line_length: 20 }}\n\
+         mappings:\n  - {{ match: gps/line, topic: gps/raw }}\n",
+        port.path().display()
+    ));
+    let gw = support::start(&yaml).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-line",
+        &["gps/raw", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    assert_eq!(c.expect(&status_topic("gps"), WAIT).await.payload, "online");
+    port.send(b"$GPGGA,1\r\n$GPR").await;
+    port.send(b"MC,2\r\n").await;
+    assert_eq!(c.expect("gps/raw", WAIT).await.payload, "$GPGGA,1");
+    assert_eq!(c.expect("gps/raw", WAIT).await.payload, "$GPRMC,2");
+    // A line far over max_line_length is dropped, the next one arrives.
+    port.send(&[b'x'; 300]).await;
+    port.send(b"\nt=\xff21\nok\n").await;
+    assert_eq!(c.expect("gps/raw", WAIT).await.payload, "t=\u{FFFD}21");
+    assert_eq!(c.expect("gps/raw", WAIT).await.payload, "ok");
+    // Unplugged and plugged in again: offline, online, lines again.
+    port.unplug();
+    let off = c.expect(&status_topic("gps"), WAIT).await;
+    assert!(off.payload.contains("offline"), "{}", off.payload);
+    port.plug();
+    assert_eq!(c.expect(&status_topic("gps"), WAIT).await.payload, "online");
+    port.send(b"back\n").await;
+    assert_eq!(c.expect("gps/raw", WAIT).await.payload, "back");
+    gw.shutdown().await;
+}

@@ -306,3 +306,73 @@ fn bad_reading(device: &Arc<str>, p: &Point, ts: Millis, why: String) -> Reading
         quality: Quality::Bad(why),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn device(extra: &str) -> Device {
+        let text = format!(
+            "gateway: {{ id: gw }}\ndevices:\n  - {{ name: d, driver: modbus-tcp, address: \"h:502\", \
+             poll: 100ms, {extra} points: [{{ name: p, table: holding, address: 0 }}] }}\n"
+        );
+        let c = Config::from_text(Path::new("c.yaml"), &text, |_| None).unwrap();
+        Device::from_config(&c.devices[0])
+    }
+
+    fn timeout() -> Result<(), RequestError> {
+        Err(RequestError::Timeout(Duration::from_millis(300)))
+    }
+
+    #[test]
+    fn offline_after_n_failures_then_backoff_then_online() {
+        let mut d = device("offline_after: 2,");
+        let t0 = d.next_due;
+        assert_eq!(d.record(&timeout(), t0), None);
+        assert_eq!(d.is_online(), None);
+        assert_eq!(d.next_due, t0 + Duration::from_millis(100), "normal rate");
+        let t = d.record(&timeout(), t0).unwrap();
+        assert!(!t.online);
+        assert_eq!(t.reason.as_deref(), Some("no answer within 300ms"));
+        // Backoff doubles from the poll interval.
+        assert_eq!(d.next_due, t0 + Duration::from_millis(100));
+        assert_eq!(d.record(&timeout(), t0), None);
+        assert_eq!(d.next_due, t0 + Duration::from_millis(200));
+        assert_eq!(d.record(&timeout(), t0), None);
+        assert_eq!(d.next_due, t0 + Duration::from_millis(400));
+        for _ in 0..20 {
+            d.record(&timeout(), t0);
+        }
+        assert_eq!(d.next_due, t0 + MAX_BACKOFF, "capped");
+        // One good poll: online, normal rate again.
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(
+            d.record(&Ok(()), t1),
+            Some(Transition {
+                online: true,
+                reason: None
+            })
+        );
+        assert_eq!(d.record(&Ok(()), t1), None, "reported once");
+        assert_eq!(d.record(&timeout(), t1), None, "one failure is not offline");
+    }
+
+    #[test]
+    fn a_device_that_fell_behind_is_due_now() {
+        let mut d = device("");
+        let late = Instant::now() + Duration::from_secs(5);
+        d.record(&Ok(()), late);
+        assert_eq!(d.next_due, late);
+    }
+
+    #[test]
+    fn transport_down_is_offline_at_once() {
+        let mut d = device("");
+        let t = d.transport_down("cannot open /dev/ttyUSB0").unwrap();
+        assert!(!t.online);
+        assert_eq!(d.transport_down("again"), None);
+    }
+}
