@@ -60,12 +60,21 @@ impl Bus {
     /// Runs until shutdown.
     pub async fn run(mut self) {
         let endpoint = self.session.endpoint().to_string();
+        // Requests in flight are abandoned at shutdown: a dead device's
+        // timeout must not delay it.
+        let shutdown = self.io.shutdown.clone();
         let mut commands_open = true;
         loop {
-            if self.io.shutdown.is_cancelled() {
+            if shutdown.is_cancelled() {
                 break;
             }
-            if !self.session.is_open() && !self.open().await {
+            let opened = self.session.is_open() || {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    ok = self.open() => ok,
+                }
+            };
+            if !opened {
                 // Wait for the next attempt; answer writes meanwhile.
                 let until = Instant::now() + self.reopen_backoff;
                 self.reopen_backoff = (self.reopen_backoff * 2).min(MAX_BACKOFF);
@@ -90,14 +99,20 @@ impl Bus {
                 _ = self.io.shutdown.cancelled() => break,
                 cmd = self.io.commands.recv(), if commands_open => {
                     match cmd {
-                        Some(cmd) => self.write(cmd).await,
+                        Some(cmd) => tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = self.write(cmd) => {}
+                        },
                         None => commands_open = false,
                     }
                     continue;
                 }
                 _ = tokio::time::sleep_until(due) => {}
             }
-            self.poll(idx).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.poll(idx) => {}
+            }
         }
         self.session.close();
         tracing::debug!(%endpoint, "bus task stopped");
