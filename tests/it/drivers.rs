@@ -456,21 +456,30 @@ async fn modbus_tcp_reads_writes_and_reconnects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_the_line_is_survived() {
+async fn garbage_on_the_line_is_counted_and_survived() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Sim::new();
     sim.add_slave(1);
     sim.set_holding(1, 0, &[42]);
+    // Slave 2 answers every request with a bad CRC.
+    sim.add_slave(2);
+    sim.set_garbage(2, true);
     let mut bus = RtuBus::start(&sim, &dir.path().join("ttyG"));
     let devices = format!(
-        "  - {{ name: inv, driver: modbus-rtu, port: {}, slave: 1, poll: 50ms, timeout: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
-        bus.path().display()
+        "  - {{ name: inv, driver: modbus-rtu, port: {p}, slave: 1, poll: 50ms, timeout: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n\
+         \x20 - {{ name: noisy, driver: modbus-rtu, port: {p}, slave: 2, poll: 50ms, timeout: 100ms, offline_after: 1000, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        p = bus.path().display()
     );
     let gw = support::start(&gateway_yaml(&devices, "")).await;
-    let mut c = Client::connect(support::mqtt_addr(&gw), "t-garbage", &["d/#"]).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-garbage",
+        &["d/#", "edgebridge/test-gw/devices/+/stats"],
+    )
+    .await;
     assert_eq!(c.expect("d/inv/v", WAIT).await.payload, "42");
-    // Random bytes, and a well-formed answer with a wrong CRC, while the
-    // gateway polls.
+    // Random bytes, and a well-formed answer with a wrong CRC, at random
+    // moments while the gateway polls.
     let mut x: u32 = 0x1234_5678;
     for round in 0..40 {
         let mut junk = Vec::new();
@@ -492,6 +501,31 @@ async fn garbage_on_the_line_is_survived() {
         .drain_where(Duration::from_millis(300), |g| g.topic == "d/inv/v")
         .await;
     assert!(seen.iter().all(|g| g.payload == "43"), "{seen:?}");
+    let noisy = c
+        .drain_where(Duration::ZERO, |g| g.topic == "d/noisy/v")
+        .await;
+    assert!(
+        noisy.is_empty(),
+        "a garbled answer became a reading: {noisy:?}"
+    );
+    // Every poll of the noisy slave failed and was counted as a garbled
+    // answer or a timeout (a frame that never completes); the stats topic
+    // comes every 10 s.
+    let stats = c
+        .expect(
+            "edgebridge/test-gw/devices/noisy/stats",
+            Duration::from_secs(15),
+        )
+        .await;
+    let j: serde_json::Value = serde_json::from_str(&stats.payload).unwrap();
+    let n = |k: &str| j[k].as_u64().unwrap();
+    assert!(n("polls") > 5, "{j}");
+    assert_eq!(n("failed_polls"), n("polls"), "{j}");
+    assert_eq!(n("garbled") + n("timeouts"), n("failed_polls"), "{j}");
+    let stats = c.expect("edgebridge/test-gw/devices/inv/stats", WAIT).await;
+    let j: serde_json::Value = serde_json::from_str(&stats.payload).unwrap();
+    assert!(j["polls"].as_u64().unwrap() > 10, "{j}");
+    assert_eq!(j["online"], true, "{j}");
     gw.shutdown().await;
 }
 

@@ -23,6 +23,9 @@ use super::session::Session;
 
 /// First wait before reopening a lost port; doubles up to [`MAX_BACKOFF`].
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
+/// How often each device's counters are published (retained) on
+/// `edgebridge/<id>/devices/<device>/stats`.
+pub const STATS_EVERY: Duration = Duration::from_secs(10);
 
 /// Inputs and outputs of a bus task.
 pub struct BusIo {
@@ -64,6 +67,7 @@ impl Bus {
         // timeout must not delay it.
         let shutdown = self.io.shutdown.clone();
         let mut commands_open = true;
+        let mut next_stats = Instant::now() + STATS_EVERY;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -97,6 +101,11 @@ impl Bus {
             tokio::select! {
                 biased;
                 _ = self.io.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next_stats) => {
+                    self.publish_stats().await;
+                    next_stats = Instant::now() + STATS_EVERY;
+                    continue;
+                }
                 cmd = self.io.commands.recv(), if commands_open => {
                     match cmd {
                         Some(cmd) => tokio::select! {
@@ -196,8 +205,22 @@ impl Bus {
     }
 
     async fn poll(&mut self, idx: usize) {
+        let mut run = self.devices[idx].start_poll();
+        let result = loop {
+            // Writes that arrived meanwhile go first, even in the middle of
+            // a poll of many requests.
+            while let Ok(cmd) = self.io.commands.try_recv() {
+                self.write(cmd).await;
+            }
+            if let Some(r) = self.devices[idx]
+                .poll_step(&mut run, &mut self.session)
+                .await
+            {
+                break r;
+            }
+        };
+        let readings = run.into_readings();
         let device = &mut self.devices[idx];
-        let (readings, result) = device.poll(&mut self.session).await;
         if let Err(e) = &result {
             tracing::debug!(device = %device.name, error = %e, "poll failed");
         }
@@ -243,6 +266,19 @@ impl Bus {
         if let Some(why) = self.session.take_lost() {
             let why = format!("{} lost: {why}", self.session.endpoint());
             self.transport_down(why).await;
+        }
+    }
+
+    async fn publish_stats(&mut self) {
+        for d in &self.devices {
+            let mut json = serde_json::to_value(d.stats).unwrap_or_default();
+            if let Some(obj) = json.as_object_mut() {
+                obj.insert("online".into(), d.is_online().unwrap_or(false).into());
+            }
+            self.io
+                .status
+                .publish_retained(&format!("devices/{}/stats", d.name), json.to_string())
+                .await;
         }
     }
 

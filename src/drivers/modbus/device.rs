@@ -30,13 +30,36 @@ pub struct Transition {
     pub reason: Option<String>,
 }
 
-/// Counters of one device, for logs and benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of one device, published on its `stats` topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceStats {
     pub polls: u64,
     pub failed_polls: u64,
+    /// Requests sent (reads and writes).
     pub requests: u64,
+    /// Modbus exceptions answered.
     pub exceptions: u64,
+    /// Requests without an answer in time.
+    pub timeouts: u64,
+    /// Answers that were garbled (bad CRC, wrong length, wrong header).
+    pub garbled: u64,
+    pub writes: u64,
+    pub failed_writes: u64,
+}
+
+/// A poll in progress, see [`Device::start_poll`].
+#[derive(Debug)]
+pub struct PollRun {
+    ts: Millis,
+    queue: VecDeque<Block>,
+    readings: ReadingBatch,
+}
+
+impl PollRun {
+    /// The readings so far.
+    pub fn into_readings(self) -> ReadingBatch {
+        self.readings
+    }
 }
 
 /// A Modbus device (one slave id) and what the driver knows about it.
@@ -94,47 +117,77 @@ impl Device {
         &mut self,
         session: &mut Session,
     ) -> (ReadingBatch, Result<(), RequestError>) {
-        let ts = now_ms();
-        let mut readings = Vec::with_capacity(self.points.len());
-        let mut queue: VecDeque<Block> = self.plan.blocks().iter().cloned().collect();
-        self.stats.polls += 1;
-        while let Some(block) = queue.pop_front() {
-            self.stats.requests += 1;
-            match session.read(self.slave, &block, self.timeout).await {
-                Ok(data) => self.decode_block(&block, &data, ts, &mut readings),
-                Err(RequestError::Exception(code)) => {
-                    self.stats.exceptions += 1;
-                    let parts = self.plan.split(&block);
-                    if parts.is_empty() {
-                        for &i in &block.points {
-                            if let Some(p) = self.points.get(i) {
-                                let why = format!(
-                                    "{} {} answered exception: {code}",
-                                    table_name(p.table),
-                                    p.address
-                                );
-                                readings.push(bad_reading(&self.name, p, ts, why));
-                            }
-                        }
-                    } else {
-                        tracing::info!(
-                            device = %self.name,
-                            table = table_name(block.table),
-                            start = block.start,
-                            count = block.count,
-                            %code,
-                            parts = parts.len(),
-                            "block read answered with an exception; reading it in smaller parts from now on"
-                        );
-                        for part in parts.into_iter().rev() {
-                            queue.push_front(part);
-                        }
-                    }
-                }
-                Err(e) => return (readings, Err(e)),
+        let mut run = self.start_poll();
+        loop {
+            if let Some(result) = self.poll_step(&mut run, session).await {
+                return (run.readings, result);
             }
         }
-        (readings, Ok(()))
+    }
+
+    /// Starts a poll that [`Device::poll_step`] runs one request at a
+    /// time, so that writes can go between two requests of a long poll.
+    pub fn start_poll(&mut self) -> PollRun {
+        self.stats.polls += 1;
+        PollRun {
+            ts: now_ms(),
+            queue: self.plan.blocks().iter().cloned().collect(),
+            readings: Vec::with_capacity(self.points.len()),
+        }
+    }
+
+    /// Sends the next request of `run`. `None` while requests remain;
+    /// the poll's outcome once it is over.
+    pub async fn poll_step(
+        &mut self,
+        run: &mut PollRun,
+        session: &mut Session,
+    ) -> Option<Result<(), RequestError>> {
+        let Some(block) = run.queue.pop_front() else {
+            return Some(Ok(()));
+        };
+        self.stats.requests += 1;
+        match session.read(self.slave, &block, self.timeout).await {
+            Ok(data) => self.decode_block(&block, &data, run.ts, &mut run.readings),
+            Err(RequestError::Exception(code)) => {
+                self.stats.exceptions += 1;
+                let parts = self.plan.split(&block);
+                if parts.is_empty() {
+                    for &i in &block.points {
+                        if let Some(p) = self.points.get(i) {
+                            let why = format!(
+                                "{} {} answered exception: {code}",
+                                table_name(p.table),
+                                p.address
+                            );
+                            run.readings.push(bad_reading(&self.name, p, run.ts, why));
+                        }
+                    }
+                } else {
+                    tracing::info!(
+                        device = %self.name,
+                        table = table_name(block.table),
+                        start = block.start,
+                        count = block.count,
+                        %code,
+                        parts = parts.len(),
+                        "block read answered with an exception; reading it in smaller parts from now on"
+                    );
+                    for part in parts.into_iter().rev() {
+                        run.queue.push_front(part);
+                    }
+                }
+            }
+            Err(e) => {
+                match &e {
+                    RequestError::Timeout(_) => self.stats.timeouts += 1,
+                    RequestError::Protocol(_) => self.stats.garbled += 1,
+                    _ => {}
+                }
+                return Some(Err(e));
+            }
+        }
+        run.queue.is_empty().then_some(Ok(()))
     }
 
     fn decode_block(&self, block: &Block, data: &BlockData, ts: Millis, out: &mut ReadingBatch) {
@@ -287,6 +340,14 @@ impl Device {
             .await
             .map(|_| ())
             .map_err(failed)
+    }
+
+    /// Books the outcome of a write.
+    pub fn record_write(&mut self, result: &CommandResult) {
+        self.stats.writes += 1;
+        if result.is_err() {
+            self.stats.failed_writes += 1;
+        }
     }
 
     /// The spans of the points, for tools that print the plan.

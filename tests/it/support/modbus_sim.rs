@@ -48,6 +48,8 @@ struct SlaveState {
     bits: HashMap<(Table, u16), bool>,
     words: HashMap<(Table, u16), u16>,
     silent: bool,
+    /// Answers with a frame whose CRC is wrong.
+    garbage: bool,
     delay: Duration,
     exceptions: HashSet<(Table, u16)>,
 }
@@ -56,6 +58,8 @@ struct SlaveState {
 struct State {
     slaves: BTreeMap<u8, SlaveState>,
     log: Vec<Req>,
+    /// The RTU line, for answers the server cannot send (garbage).
+    raw: Option<std::fs::File>,
 }
 
 /// Shared simulator state; clones share it. Slaves that were never added
@@ -123,6 +127,11 @@ impl Sim {
         self.with_slave(slave, |s| s.silent = silent);
     }
 
+    /// Answers every request with a frame with a wrong CRC (RTU only).
+    pub fn set_garbage(&self, slave: u8, on: bool) {
+        self.with_slave(slave, |s| s.garbage = on);
+    }
+
     /// Answers after `delay` (a slave slower than the gateway's timeout
     /// answers late, into the next request's time).
     pub fn set_delay(&self, slave: u8, delay: Duration) {
@@ -184,6 +193,19 @@ impl Sim {
                 count,
                 answered: false,
             });
+            return (None, Duration::ZERO);
+        }
+        if s.garbage {
+            st.log.push(Req {
+                slave,
+                function,
+                address,
+                count,
+                answered: true,
+            });
+            if let Some(raw) = st.raw.as_mut() {
+                let _ = raw.write_all(&[slave, function, 2, 0x00, 0x2A, 0xDE, 0xAD]);
+            }
             return (None, Duration::ZERO);
         }
         let delay = s.delay;
@@ -338,6 +360,7 @@ impl RtuBus {
         if let Some(line) = self.line.take() {
             line.task.abort();
         }
+        self.sim.lock().raw = None;
         let _ = std::fs::remove_file(&self.path);
     }
 
@@ -363,6 +386,7 @@ impl RtuBus {
                 eprintln!("modbus sim (rtu) stopped: {e}");
             }
         });
+        self.sim.lock().raw = raw.try_clone().ok();
         self.line = Some(Line {
             task,
             raw,
