@@ -248,6 +248,49 @@ async fn a_dead_slave_goes_offline_without_slowing_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_is_never_taken_for_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    // Slave 1 answers 20 ms after the gateway gave up on it.
+    sim.add_slave(1);
+    sim.set_holding(1, 0, &[111]);
+    sim.set_delay(1, Duration::from_millis(120));
+    sim.add_slave(2);
+    sim.set_holding(2, 0, &[222]);
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyL"));
+    let devices = format!(
+        "  - {{ name: slow, driver: modbus-rtu, port: {p}, slave: 1, poll: 50ms, timeout: 100ms, offline_after: 1000, points: [{{ name: v, table: holding, address: 0 }}] }}\n\
+         \x20 - {{ name: fast, driver: modbus-rtu, port: {p}, slave: 2, poll: 50ms, timeout: 100ms, offline_after: 1, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        p = bus.path().display()
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-late",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    assert_eq!(c.expect("d/fast/v", WAIT).await.payload, "222");
+    let got = c.drain_where(Duration::from_millis(1500), |_| true).await;
+    let fast: Vec<&str> = got
+        .iter()
+        .filter(|g| g.topic == "d/fast/v")
+        .map(|g| g.payload.as_str())
+        .collect();
+    assert!(fast.len() >= 5, "{got:?}");
+    assert!(fast.iter().all(|v| *v == "222"), "{got:?}");
+    // The slow slave's late answers never showed up as a value, nor as a
+    // failure of the other slave (which would be offline after one).
+    assert!(!got.iter().any(|g| g.topic == "d/slow/v"), "{got:?}");
+    assert!(
+        !got.iter()
+            .any(|g| g.topic == status_topic("fast") && g.payload != "online"),
+        "{got:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unplugged_adapter_goes_offline_and_comes_back_without_restart() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Sim::new();

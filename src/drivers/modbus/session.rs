@@ -10,7 +10,7 @@ use thiserror::Error;
 use tokio::time::Instant;
 use tokio_modbus::client::{Client as _, Context};
 use tokio_modbus::prelude::{rtu, tcp, SlaveContext as _};
-use tokio_modbus::{ExceptionCode, Request, Response, Slave};
+use tokio_modbus::{ExceptionCode, ProtocolError, Request, Response, Slave};
 
 use crate::config::{LineSettings, Table};
 
@@ -37,6 +37,22 @@ impl RequestError {
     /// are fine, the request was not.
     pub fn is_exception(&self) -> bool {
         matches!(self, RequestError::Exception(_))
+    }
+}
+
+/// The outcome of one attempt of a request.
+enum Attempt {
+    Failed(RequestError),
+    /// The answer belonged to another request.
+    Stray(String),
+}
+
+impl Attempt {
+    fn into_error(self) -> RequestError {
+        match self {
+            Attempt::Failed(e) => e,
+            Attempt::Stray(why) => RequestError::Protocol(why),
+        }
     }
 }
 
@@ -171,55 +187,86 @@ impl Session {
         (self.closed_counters.0 + rx, self.closed_counters.1 + tx)
     }
 
-    /// One request with a timeout.
+    /// One request with a timeout. An answer that belongs to another
+    /// request (another slave's late answer on a shared bus, an old TCP
+    /// transaction) is dropped and the request is sent once more, so a
+    /// slow neighbour does not count as this device's failure.
     pub async fn call(
         &mut self,
         slave: u8,
         request: Request<'_>,
         timeout: Duration,
     ) -> Result<Response, RequestError> {
+        match self.call_once(slave, request.clone(), timeout).await {
+            Err(Attempt::Stray(why)) => {
+                tracing::debug!(endpoint = %self.endpoint, %slave, %why, "dropped an answer to another request; asking again");
+                self.call_once(slave, request, timeout)
+                    .await
+                    .map_err(Attempt::into_error)
+            }
+            other => other.map_err(Attempt::into_error),
+        }
+    }
+
+    async fn call_once(
+        &mut self,
+        slave: u8,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Result<Response, Attempt> {
         if let Endpoint::Serial { frame_gap, .. } = &self.endpoint {
             if let Some(t) = self.last_io {
                 tokio::time::sleep_until(t + *frame_gap).await;
             }
         }
         let Some(conn) = self.conn.as_mut() else {
-            return Err(RequestError::NotConnected);
+            return Err(Attempt::Failed(RequestError::NotConnected));
         };
+        conn.link.discard_input();
         conn.ctx.set_slave(Slave(slave));
         let res = tokio::time::timeout(timeout, conn.ctx.call(request)).await;
         self.last_io = Some(Instant::now());
         match res {
             Ok(Ok(Ok(rsp))) => Ok(rsp),
-            Ok(Ok(Err(code))) => Err(RequestError::Exception(code)),
+            Ok(Ok(Err(code))) => Err(Attempt::Failed(RequestError::Exception(code))),
             Err(_) => {
                 if let Some(why) = conn.link.lost() {
-                    return Err(self.lose(why));
+                    return Err(Attempt::Failed(self.lose(why)));
                 }
-                self.recover().await;
-                Err(RequestError::Timeout(timeout))
+                self.recover(timeout).await;
+                Err(Attempt::Failed(RequestError::Timeout(timeout)))
             }
             Ok(Err(e)) => {
                 if let Some(why) = conn.link.lost() {
-                    return Err(self.lose(why));
+                    return Err(Attempt::Failed(self.lose(why)));
                 }
-                self.recover().await;
-                Err(RequestError::Protocol(e.to_string()))
+                self.recover(timeout).await;
+                let why = e.to_string();
+                match e {
+                    tokio_modbus::Error::Protocol(
+                        ProtocolError::HeaderMismatch { .. }
+                        | ProtocolError::FunctionCodeMismatch { .. },
+                    ) => Err(Attempt::Stray(why)),
+                    _ => Err(Attempt::Failed(RequestError::Protocol(why))),
+                }
             }
         }
     }
 
     /// After a timeout or a garbled answer the client's framing state is
-    /// unknown. On a serial bus: let late bytes arrive and drop them, then
+    /// unknown. On a serial bus: let a late answer arrive and drop it (the
+    /// line must stay quiet for a quarter of the timeout, 20-100 ms), then
     /// start a fresh client on the same port. On TCP: reconnect, which
     /// also drops any late answer.
-    async fn recover(&mut self) {
+    async fn recover(&mut self, timeout: Duration) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
         match &self.endpoint {
             Endpoint::Serial { frame_gap, .. } => {
-                let quiet = (*frame_gap * 2).max(Duration::from_millis(20));
+                let quiet = (timeout / 4)
+                    .clamp(Duration::from_millis(20), Duration::from_millis(100))
+                    .max(*frame_gap * 2);
                 let dropped = conn.link.drain(quiet, Duration::from_millis(500)).await;
                 if dropped > 0 {
                     tracing::debug!(endpoint = %self.endpoint, bytes = dropped, "dropped late bytes");

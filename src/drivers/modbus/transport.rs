@@ -21,8 +21,25 @@ use tokio::time::Instant;
 use crate::config::{LineSettings, Parity};
 
 /// A stream the Modbus client can run over.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Drops bytes received but not read yet; a no-op where a stale byte
+    /// cannot be mistaken for an answer.
+    fn discard_input(&mut self) {}
+}
+
+impl Io for tokio_serial::SerialStream {
+    /// tcflush(TCIFLUSH): noise or a late answer sitting in the kernel's
+    /// buffer must not be parsed as the answer to the next request.
+    fn discard_input(&mut self) {
+        use tokio_serial::SerialPort as _;
+        if let Err(e) = self.clear(tokio_serial::ClearBuffer::Input) {
+            tracing::debug!(error = %e, "could not clear the serial input buffer");
+        }
+    }
+}
+
+impl Io for tokio::net::TcpStream {}
+impl Io for tokio::io::DuplexStream {}
 
 struct LinkState {
     io: Box<dyn Io>,
@@ -76,6 +93,11 @@ impl Link {
     /// Why the transport is gone (EOF or an I/O error), if it is.
     pub fn lost(&self) -> Option<String> {
         self.lock().lost.clone()
+    }
+
+    /// See [`Io::discard_input`].
+    pub fn discard_input(&self) {
+        self.lock().io.discard_input();
     }
 
     /// Bytes received and sent so far.
