@@ -499,6 +499,41 @@ async fn modbus_tcp_reads_writes_and_reconnects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_unit_behind_a_tcp_server_backs_off() {
+    let sim = Sim::new();
+    sim.add_slave(1);
+    sim.set_holding(1, 0, &[1]);
+    sim.add_slave(9);
+    sim.set_silent(9, true);
+    let dev = TcpDevice::start(&sim).await;
+    let devices = format!(
+        "  - {{ name: alive, driver: modbus-tcp, address: \"{a}\", slave: 1, poll: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n\
+         \x20 - {{ name: gone, driver: modbus-tcp, address: \"{a}\", slave: 9, poll: 100ms, timeout: 100ms, offline_after: 2, points: [{{ name: v, table: holding, address: 0 }}] }}\n",
+        a = dev.addr()
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-tcp-dead",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    let off = c.expect(&status_topic("gone"), WAIT).await;
+    assert!(
+        off.payload.contains("no answer within 100ms"),
+        "{}",
+        off.payload
+    );
+    let before = sim.count(9);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // In backoff (0.1, 0.2, 0.4, 0.8 s ...), not every 100 ms + timeout.
+    let polled = sim.count(9) - before;
+    assert!(polled <= 6, "dead unit polled {polled} times in 2 s");
+    assert_eq!(c.expect("d/alive/v", WAIT).await.payload, "1");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_line_is_counted_and_survived() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Sim::new();

@@ -1,9 +1,19 @@
-//! Modbus RTU and TCP: register decoding, request planning, and the
-//! pollers that own a serial bus or a TCP connection.
+//! Modbus RTU and TCP, in layers from the wire up:
+//!
+//! - [`transport`]: the byte pipe (a serial port or a TCP stream), with
+//!   "port lost" detection, draining and byte counters;
+//! - [`session`]: one request with a timeout, and recovery after a
+//!   timeout or a garbled answer;
+//! - [`point`], [`decode`]: a point's registers and their values;
+//! - [`plan`]: which requests read a device's points (coalescing, and the
+//!   fallback when a device answers an exception);
+//! - [`device`]: one slave: poll, write, online/offline and backoff;
+//! - [`fieldbus`]: the task that owns one transport and its devices;
+//! - [`inspect`]: what `edgebridge read` prints.
 
-pub mod bus;
 pub mod decode;
 pub mod device;
+pub mod fieldbus;
 pub mod inspect;
 pub mod plan;
 pub mod point;
@@ -17,8 +27,8 @@ use crate::config::{DeviceConfig, DriverKind};
 use crate::drivers::DriverContext;
 use crate::model::Command;
 
-use bus::{Bus, BusIo};
 use device::Device;
+use fieldbus::{FieldBus, FieldBusIo};
 use session::{Endpoint, Session};
 
 /// Writes waiting for one bus.
@@ -62,10 +72,10 @@ pub fn spawn(
         let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
         tracing::info!(%endpoint, devices = ?names, "starting Modbus bus");
         let span = tracing::info_span!("modbus", %endpoint);
-        let bus = Bus::new(
+        let bus = FieldBus::new(
             Session::new(endpoint),
             list.iter().map(|d| Device::from_config(d)).collect(),
-            BusIo {
+            FieldBusIo {
                 readings: ctx.readings.clone(),
                 commands: rx,
                 status: ctx.status.clone(),

@@ -28,7 +28,7 @@ pub const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
 pub const STATS_EVERY: Duration = Duration::from_secs(10);
 
 /// Inputs and outputs of a bus task.
-pub struct BusIo {
+pub struct FieldBusIo {
     pub readings: mpsc::Sender<ReadingBatch>,
     /// Writes for any device on this bus.
     pub commands: mpsc::Receiver<Command>,
@@ -37,10 +37,10 @@ pub struct BusIo {
 }
 
 /// One transport and the devices behind it.
-pub struct Bus {
+pub struct FieldBus {
     session: Session,
     devices: Vec<Device>,
-    io: BusIo,
+    io: FieldBusIo,
     /// Why the transport is down, while it is (logged once per outage).
     down: Option<String>,
     /// Failed opens in the current outage.
@@ -48,9 +48,9 @@ pub struct Bus {
     reopen_backoff: Duration,
 }
 
-impl Bus {
-    pub fn new(session: Session, devices: Vec<Device>, io: BusIo) -> Bus {
-        Bus {
+impl FieldBus {
+    pub fn new(session: Session, devices: Vec<Device>, io: FieldBusIo) -> FieldBus {
+        FieldBus {
             session,
             devices,
             io,
@@ -142,15 +142,19 @@ impl Bus {
             Ok(()) => {
                 if let Some(why) = self.down.take() {
                     tracing::info!(%endpoint, failed_attempts = self.open_failures, was = %why, "transport is back");
+                    // Back from an outage: poll everything at once rather
+                    // than after each device's backoff.
+                    let now = Instant::now();
+                    for d in &mut self.devices {
+                        d.next_due = d.next_due.min(now);
+                    }
                 } else {
+                    // First open, or a TCP reconnect after a timeout: keep
+                    // each device's schedule (and a dead one's backoff).
                     tracing::debug!(%endpoint, "transport open");
                 }
                 self.open_failures = 0;
                 self.reopen_backoff = REOPEN_BACKOFF;
-                let now = Instant::now();
-                for d in &mut self.devices {
-                    d.next_due = d.next_due.min(now);
-                }
                 true
             }
             Err(e) => {
