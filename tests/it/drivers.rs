@@ -305,7 +305,11 @@ async fn unplugged_adapter_goes_offline_and_comes_back_without_restart() {
     let mut c = Client::connect(
         support::mqtt_addr(&gw),
         "t-unplug",
-        &["d/#", "edgebridge/test-gw/devices/+/status"],
+        &[
+            "d/#",
+            "edgebridge/test-gw/devices/+/status",
+            "edgebridge/test-gw/devices/+/stats",
+        ],
     )
     .await;
     assert_eq!(c.expect("d/inv/v", WAIT).await.payload, "1");
@@ -321,6 +325,16 @@ async fn unplugged_adapter_goes_offline_and_comes_back_without_restart() {
     c.expect_where(WAIT, |g| g.topic == "d/inv/v" && g.payload == "2")
         .await
         .expect("polling resumed");
+    // The outage is counted.
+    let stats = c
+        .expect_where(Duration::from_secs(15), |g| {
+            g.topic == "edgebridge/test-gw/devices/inv/stats"
+        })
+        .await
+        .expect("stats published");
+    let j: serde_json::Value = serde_json::from_str(&stats.payload).unwrap();
+    assert!(j["transport_errors"].as_u64().unwrap() >= 1, "{j}");
+    assert_eq!(j["online"], true, "{j}");
     gw.shutdown().await;
 }
 

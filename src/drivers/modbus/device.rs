@@ -45,6 +45,8 @@ pub struct DeviceStats {
     pub garbled: u64,
     pub writes: u64,
     pub failed_writes: u64,
+    /// Times the port or connection was found missing or lost.
+    pub transport_errors: u64,
 }
 
 /// A poll in progress, see [`Device::start_poll`].
@@ -252,6 +254,7 @@ impl Device {
     /// The transport is gone (port missing, adapter pulled, connection
     /// refused): the device is offline at once, without counting polls.
     pub fn transport_down(&mut self, reason: &str) -> Option<Transition> {
+        self.stats.transport_errors += 1;
         self.failures = self.failures.max(self.offline_after);
         self.set_online(false, Some(reason.to_string()))
     }
