@@ -87,6 +87,10 @@ pub struct DeviceConfig {
     /// Consecutive failed polls before the device is marked offline.
     #[serde(default)]
     pub offline_after: Option<u32>,
+    /// Modbus: write with FC 15/16 even for one coil or register, for
+    /// devices that do not implement FC 05/06.
+    #[serde(default)]
+    pub multiple_writes: Option<bool>,
     /// serial-line: line delimiter (default "\n").
     #[serde(default)]
     pub delimiter: Option<String>,

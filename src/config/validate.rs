@@ -475,6 +475,13 @@ fn driver_settings(config: &Config, p: &mut Problems) {
         );
         only(
             p,
+            "multiple_writes",
+            d.multiple_writes.is_some(),
+            kind.is_modbus(),
+            "Modbus",
+        );
+        only(
+            p,
             "delimiter",
             d.delimiter.is_some(),
             kind == DriverKind::SerialLine,

@@ -465,7 +465,7 @@ async fn modbus_tcp_reads_writes_and_reconnects() {
     load_fixture(&sim, 1);
     let mut dev = TcpDevice::start(&sim).await;
     let devices = format!(
-        "  - name: meter\n    driver: modbus-tcp\n    address: \"{}\"\n    slave: 1\n    poll: 100ms\n    points:\n{}",
+        "  - name: meter\n    driver: modbus-tcp\n    address: \"{}\"\n    slave: 1\n    poll: 100ms\n    multiple_writes: true\n    points:\n{}",
         dev.addr(),
         points_yaml(&[
             "{ name: f32_cdab, table: holding, address: 13, type: f32, order: CDAB }",
@@ -494,6 +494,9 @@ async fn modbus_tcp_reads_writes_and_reconnects() {
     let r = c.expect("cmd/led/result", WAIT).await;
     assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
     assert!(sim.coil(1, 1));
+    // `multiple_writes: true`: FC 15 even for one coil.
+    assert!(sim.requests().iter().any(|r| r.function == 15));
+    assert!(!sim.requests().iter().any(|r| r.function == 5));
     // The PLC restarts: connection refused for a while.
     dev.stop();
     let off = c.expect(&status_topic("meter"), WAIT).await;

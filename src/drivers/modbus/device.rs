@@ -74,6 +74,8 @@ pub struct Device {
     pub poll_every: Duration,
     pub timeout: Duration,
     offline_after: u32,
+    /// FC 15/16 even for a single coil or register.
+    multiple_writes: bool,
     failures: u32,
     /// `None` until the first poll settles it.
     online: Option<bool>,
@@ -95,6 +97,7 @@ impl Device {
             poll_every: d.poll_interval(),
             timeout: d.request_timeout(),
             offline_after: d.offline_threshold(),
+            multiple_writes: d.multiple_writes.unwrap_or(false),
             failures: 0,
             online: None,
             backoff: d.poll_interval(),
@@ -299,7 +302,11 @@ impl Device {
         let request = match p.table {
             Table::Coil => {
                 let on = to_bool(value).map_err(|e| format!("`{name}/{point}`: {e}"))?;
-                Request::WriteSingleCoil(addr, on)
+                if self.multiple_writes {
+                    Request::WriteMultipleCoils(addr, Cow::Owned(vec![on]))
+                } else {
+                    Request::WriteSingleCoil(addr, on)
+                }
             }
             Table::Holding if p.format.bit.is_some() => {
                 // One bit of a register: read, change the bit, write back.
@@ -318,7 +325,11 @@ impl Device {
                     .format
                     .encode_bit(word, value)
                     .map_err(|e| format!("`{name}/{point}`: {e}"))?;
-                Request::WriteSingleRegister(addr, word)
+                if self.multiple_writes {
+                    Request::WriteMultipleRegisters(addr, Cow::Owned(vec![word]))
+                } else {
+                    Request::WriteSingleRegister(addr, word)
+                }
             }
             Table::Holding => {
                 let regs = p
@@ -326,7 +337,7 @@ impl Device {
                     .encode(value)
                     .map_err(|e| format!("`{name}/{point}`: {e}"))?;
                 match regs.as_slice() {
-                    [one] => Request::WriteSingleRegister(addr, *one),
+                    [one] if !self.multiple_writes => Request::WriteSingleRegister(addr, *one),
                     _ => Request::WriteMultipleRegisters(addr, Cow::Owned(regs)),
                 }
             }
