@@ -460,6 +460,52 @@ async fn commands_write_coils_and_registers_and_report_results() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_between_the_requests_of_a_long_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(1);
+    // Every answer takes 20 ms: a poll of 8 blocks holds the bus ~200 ms.
+    sim.set_delay(1, Duration::from_millis(20));
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyQ"));
+    let pts: Vec<String> = (0..8)
+        .map(|i| format!("{{ name: r{i}, table: holding, address: {} }}", i * 50))
+        .chain(["{ name: led, table: coil, address: 0, writable: true }".to_string()])
+        .collect();
+    let pts: Vec<&str> = pts.iter().map(String::as_str).collect();
+    let devices = format!(
+        "  - name: big\n    driver: modbus-rtu\n    port: {}\n    slave: 1\n    poll: 10ms\n    points:\n{}",
+        bus.path().display(),
+        points_yaml(&pts)
+    );
+    let extra = "commands:\n  - { topic: cmd/led, write: big/led }\n";
+    let gw = support::start(&gateway_yaml(&devices, extra)).await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-ahead", &["cmd/+/result", "d/#"]).await;
+    c.expect("d/big/r7", WAIT).await;
+    for (i, v) in ["on", "off", "on", "off"].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(37 * i as u64 + 25)).await;
+        c.client
+            .publish("cmd/led", rumqttc::QoS::AtLeastOnce, false, v)
+            .await
+            .unwrap();
+        let r = c.expect("cmd/led/result", WAIT).await;
+        assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    }
+    gw.shutdown().await;
+    // Polls run back to back (coil block first, then holding 0, 50, ...).
+    // A write that waited for the end of the poll would always be followed
+    // by the first block; most are followed by the rest of the poll.
+    let reqs = sim.requests();
+    let mid_poll = reqs
+        .windows(2)
+        .filter(|w| w[0].function == 5 && !(w[1].function == 1 && w[1].address == 0))
+        .count();
+    assert!(
+        mid_poll >= 1,
+        "no write went between two reads of a poll: {reqs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modbus_tcp_reads_writes_and_reconnects() {
     let sim = Sim::new();
     load_fixture(&sim, 1);
