@@ -597,6 +597,55 @@ async fn a_dead_unit_behind_a_tcp_server_backs_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_exception_is_a_device_failure_not_a_bad_address() {
+    let sim = Sim::new();
+    sim.add_slave(3);
+    sim.set_holding(3, 0, &[1, 2, 3]);
+    // A Modbus TCP gateway whose RTU device behind it is gone.
+    sim.set_failing(3, Some(ExceptionCode::GatewayTargetDevice));
+    let dev = TcpDevice::start(&sim).await;
+    let devices = format!(
+        "  - name: behind\n    driver: modbus-tcp\n    address: \"{}\"\n    slave: 3\n    poll: 100ms\n    offline_after: 2\n    points:\n{}",
+        dev.addr(),
+        points_yaml(&[
+            "{ name: a, table: holding, address: 0 }",
+            "{ name: b, table: holding, address: 1 }",
+            "{ name: c, table: holding, address: 2 }",
+        ])
+    );
+    let gw = support::start(&gateway_yaml(&devices, "")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-gw-exc",
+        &["d/#", "edgebridge/test-gw/devices/+/status"],
+    )
+    .await;
+    let off = c.expect(&status_topic("behind"), WAIT).await;
+    assert!(
+        off.payload.contains("Gateway target device"),
+        "{}",
+        off.payload
+    );
+    // The device comes back: still one request per poll for the three
+    // points, the plan was not split by the gateway's exception.
+    sim.set_failing(3, None);
+    assert_eq!(
+        c.expect("d/behind/c", Duration::from_secs(20))
+            .await
+            .payload,
+        "3"
+    );
+    c.drain_where(Duration::from_millis(400), |_| true).await;
+    gw.shutdown().await;
+    let reqs = sim.requests();
+    assert!(
+        reqs.iter()
+            .all(|r| (r.function, r.address, r.count) == (3, 0, 3)),
+        "{reqs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_line_is_counted_and_survived() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Sim::new();

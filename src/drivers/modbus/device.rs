@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_modbus::Request;
+use tokio_modbus::{ExceptionCode, Request};
 
 use crate::config::{DeviceConfig, Table};
 use crate::model::{now_ms, CommandResult, Millis, Quality, Reading, ReadingBatch, Value};
@@ -154,6 +154,26 @@ impl Device {
         self.stats.requests += 1;
         match session.read(self.slave, &block, self.timeout).await {
             Ok(data) => self.decode_block(&block, &data, run.ts, &mut run.readings),
+            Err(RequestError::Exception(code)) if !about_addresses(code) => {
+                // Busy, failing, or a TCP gateway that cannot reach the
+                // device: the device's trouble, not the addresses'.
+                self.stats.exceptions += 1;
+                return Some(Err(RequestError::Exception(code)));
+            }
+            Err(RequestError::Exception(code)) if code == ExceptionCode::IllegalFunction => {
+                // The device lacks this function (e.g. no input registers):
+                // smaller blocks would not help.
+                self.stats.exceptions += 1;
+                for &i in &block.points {
+                    if let Some(p) = self.points.get(i) {
+                        let why = format!(
+                            "{} table not supported by the device: {code}",
+                            table_name(p.table)
+                        );
+                        run.readings.push(bad_reading(&self.name, p, run.ts, why));
+                    }
+                }
+            }
             Err(RequestError::Exception(code)) => {
                 self.stats.exceptions += 1;
                 let parts = self.plan.split(&block);
@@ -368,6 +388,17 @@ impl Device {
     pub fn spans(&self) -> Vec<Span> {
         self.points.iter().map(Span::of).collect()
     }
+}
+
+/// Exceptions that say something about the requested addresses, so that
+/// smaller requests may succeed.
+fn about_addresses(code: ExceptionCode) -> bool {
+    matches!(
+        code,
+        ExceptionCode::IllegalFunction
+            | ExceptionCode::IllegalDataAddress
+            | ExceptionCode::IllegalDataValue
+    )
 }
 
 /// A reading for a point that could not be read.

@@ -48,6 +48,8 @@ struct SlaveState {
     bits: HashMap<(Table, u16), bool>,
     words: HashMap<(Table, u16), u16>,
     silent: bool,
+    /// Answers every request with this exception.
+    failing: Option<ExceptionCode>,
     /// Answers with a frame whose CRC is wrong.
     garbage: bool,
     delay: Duration,
@@ -125,6 +127,12 @@ impl Sim {
     /// A silent slave receives requests but never answers.
     pub fn set_silent(&self, slave: u8, silent: bool) {
         self.with_slave(slave, |s| s.silent = silent);
+    }
+
+    /// Answers every request with `code` (e.g. a TCP gateway whose
+    /// device is gone: GatewayTargetDevice), or normally again with `None`.
+    pub fn set_failing(&self, slave: u8, code: Option<ExceptionCode>) {
+        self.with_slave(slave, |s| s.failing = code);
     }
 
     /// Answers every request with a frame with a wrong CRC (RTU only).
@@ -217,7 +225,9 @@ impl Sim {
         };
         let touches_bad = (address..address.saturating_add(count.max(1)))
             .any(|a| s.exceptions.contains(&(table, a)));
-        let result = if touches_bad {
+        let result = if let Some(code) = s.failing {
+            Err(code)
+        } else if touches_bad {
             Err(ExceptionCode::IllegalDataAddress)
         } else {
             let bits = |s: &SlaveState, t| -> Vec<bool> {
