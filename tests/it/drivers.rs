@@ -897,7 +897,11 @@ async fn serial_line_turns_each_line_into_a_reading() {
     let mut c = Client::connect(
         support::mqtt_addr(&gw),
         "t-line",
-        &["gps/raw", "edgebridge/test-gw/devices/+/status"],
+        &[
+            "gps/raw",
+            "edgebridge/test-gw/devices/+/status",
+            "edgebridge/test-gw/devices/+/stats",
+        ],
     )
     .await;
     assert_eq!(c.expect(&status_topic("gps"), WAIT).await.payload, "online");
@@ -918,5 +922,17 @@ async fn serial_line_turns_each_line_into_a_reading() {
     assert_eq!(c.expect(&status_topic("gps"), WAIT).await.payload, "online");
     port.send(b"back\n").await;
     assert_eq!(c.expect("gps/raw", WAIT).await.payload, "back");
+    // Counted: 5 lines, 1 oversize, 1 with invalid UTF-8, 1 outage.
+    let stats = c
+        .expect(
+            "edgebridge/test-gw/devices/gps/stats",
+            Duration::from_secs(15),
+        )
+        .await;
+    let j: serde_json::Value = serde_json::from_str(&stats.payload).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!({"lines": 5, "oversize": 1, "invalid_utf8": 1, "transport_errors": 1, "online": true})
+    );
     gw.shutdown().await;
 }

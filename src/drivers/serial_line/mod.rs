@@ -25,6 +25,8 @@ use codec::{LineFramer, DEFAULT_DELIMITER, DEFAULT_MAX_LINE};
 pub const LINE_POINT: &str = "line";
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// How often the counters are published, as for Modbus devices.
+const STATS_EVERY: Duration = crate::drivers::modbus::fieldbus::STATS_EVERY;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Starts the task of one serial-line device.
@@ -44,6 +46,9 @@ pub struct SerialLine {
     point: Arc<str>,
     unit: Option<Arc<str>>,
     online: Option<bool>,
+    /// Times the port was missing or lost.
+    transport_errors: u64,
+    next_stats: tokio::time::Instant,
 }
 
 enum Stop {
@@ -68,6 +73,8 @@ impl SerialLine {
             point: Arc::from(LINE_POINT),
             unit,
             online: None,
+            transport_errors: 0,
+            next_stats: tokio::time::Instant::now() + STATS_EVERY,
         }
     }
 
@@ -100,6 +107,7 @@ impl SerialLine {
                     why
                 }
             };
+            self.transport_errors += 1;
             self.set_online(&ctx, false, Some(&why)).await;
             down = Some(why.clone());
             let until = tokio::time::Instant::now() + backoff;
@@ -112,6 +120,22 @@ impl SerialLine {
                 }
             }
         }
+    }
+
+    /// `edgebridge/<id>/devices/<device>/stats`, retained.
+    async fn publish_stats(&mut self, ctx: &DriverContext) {
+        self.next_stats = tokio::time::Instant::now() + STATS_EVERY;
+        let st = self.framer.stats();
+        let json = serde_json::json!({
+            "lines": st.lines,
+            "oversize": st.oversize,
+            "invalid_utf8": st.invalid_utf8,
+            "transport_errors": self.transport_errors,
+            "online": self.online.unwrap_or(false),
+        });
+        ctx.status
+            .publish_retained(&format!("devices/{}/stats", self.name), json.to_string())
+            .await;
     }
 
     async fn set_online(&mut self, ctx: &DriverContext, on: bool, why: Option<&str>) {
@@ -137,6 +161,10 @@ impl SerialLine {
                     reject(cmd, &self.name);
                     continue;
                 }
+                _ = tokio::time::sleep_until(self.next_stats) => {
+                    self.publish_stats(ctx).await;
+                    continue;
+                }
                 r = port.read(&mut buf) => r,
             };
             let n = match n {
@@ -149,7 +177,11 @@ impl SerialLine {
             self.framer.feed(&buf[..n], &mut lines);
             let after = self.framer.stats();
             if after.oversize > before.oversize {
-                tracing::warn!(device = %self.name, dropped_total = after.oversize, "line longer than max_line_length dropped");
+                if before.oversize == 0 {
+                    tracing::warn!(device = %self.name, "line longer than max_line_length dropped (further drops are counted on the stats topic)");
+                } else {
+                    tracing::debug!(device = %self.name, dropped_total = after.oversize, "line longer than max_line_length dropped");
+                }
             }
             if after.invalid_utf8 > before.invalid_utf8 {
                 tracing::debug!(device = %self.name, total = after.invalid_utf8, "line with invalid UTF-8 (replaced)");
