@@ -24,7 +24,8 @@ use super::session::Session;
 /// First wait before reopening a lost port; doubles up to [`MAX_BACKOFF`].
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
 /// How often each device's counters are published (retained) on
-/// `edgebridge/<id>/devices/<device>/stats`.
+/// `edgebridge/<id>/devices/<device>/stats`; also at every online/offline
+/// change.
 pub const STATS_EVERY: Duration = Duration::from_secs(10);
 
 /// Inputs and outputs of a bus task.
@@ -274,16 +275,24 @@ impl FieldBus {
     }
 
     async fn publish_stats(&mut self) {
-        for d in &self.devices {
-            let mut json = serde_json::to_value(d.stats).unwrap_or_default();
-            if let Some(obj) = json.as_object_mut() {
-                obj.insert("online".into(), d.is_online().unwrap_or(false).into());
-            }
-            self.io
-                .status
-                .publish_retained(&format!("devices/{}/stats", d.name), json.to_string())
-                .await;
+        for i in 0..self.devices.len() {
+            self.publish_device_stats(i).await;
         }
+    }
+
+    /// `edgebridge/<id>/devices/<device>/stats`, retained.
+    async fn publish_device_stats(&mut self, idx: usize) {
+        let Some(d) = self.devices.get(idx) else {
+            return;
+        };
+        let mut json = serde_json::to_value(d.stats).unwrap_or_default();
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("online".into(), d.is_online().unwrap_or(false).into());
+        }
+        self.io
+            .status
+            .publish_retained(&format!("devices/{}/stats", d.name), json.to_string())
+            .await;
     }
 
     async fn report(&mut self, idx: usize, t: Option<Transition>) {
@@ -299,5 +308,7 @@ impl FieldBus {
             .status
             .device(&d.name, t.online, t.reason.as_deref())
             .await;
+        // The counters as they were when it happened.
+        self.publish_device_stats(idx).await;
     }
 }

@@ -142,6 +142,7 @@ impl SerialLine {
         if self.online != Some(on) {
             self.online = Some(on);
             ctx.status.device(&self.name, on, why).await;
+            self.publish_stats(ctx).await;
         }
     }
 
