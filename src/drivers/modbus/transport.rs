@@ -219,8 +219,9 @@ pub fn open_serial(path: &str, s: &LineSettings) -> io::Result<tokio_serial::Ser
         .flow_control(tokio_serial::FlowControl::None)
         .open_native_async()
         .map_err(|e| {
+            // A missing path is `Io(NotFound)`; a port locked by another
+            // program is `NoDevice` ("Unable to acquire exclusive lock").
             let kind = match e.kind() {
-                tokio_serial::ErrorKind::NoDevice => io::ErrorKind::NotFound,
                 tokio_serial::ErrorKind::Io(k) => k,
                 _ => io::ErrorKind::Other,
             };
