@@ -878,6 +878,22 @@ async fn read_command_shows_every_order_and_a_devices_points() {
     .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /dev/ttyNOPE9"));
+    // While a gateway holds the port, `read` says so instead of disturbing
+    // the bus.
+    let gw = support::start(&gateway_yaml(
+        &format!(
+            "  - {{ name: inv, driver: modbus-rtu, port: {port}, slave: 1, poll: 100ms, points: [{{ name: v, table: holding, address: 0 }}] }}\n"
+        ),
+        "",
+    ))
+    .await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-cli-busy", &["d/#"]).await;
+    c.expect("d/inv/v", WAIT).await;
+    let out = edgebridge(["read", "--port", &port].map(String::from).to_vec()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stop it first"), "{stderr}");
+    gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
