@@ -70,8 +70,9 @@ impl fmt::Debug for Link {
 }
 
 impl Link {
-    /// `flush`: whether flushing reaches the inner stream (false for
-    /// serial ports, see [`LinkState`]).
+    /// `flush`: whether flushing reaches the inner stream. Pass false for
+    /// serial ports: their flush is tcdrain(2), a blocking syscall inside
+    /// async code, and written bytes are in the kernel's buffer already.
     pub fn new(io: impl Io, flush: bool) -> Link {
         Link {
             state: Arc::new(Mutex::new(LinkState {
