@@ -463,6 +463,40 @@ async fn commands_write_coils_and_registers_and_report_results() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_value_is_read_back_at_once() {
+    let sim = Sim::new();
+    sim.add_slave(1);
+    let dev = TcpDevice::start(&sim).await;
+    // Polled once an hour: only the write can explain a second reading.
+    let devices = format!(
+        "  - {{ name: relay, driver: modbus-tcp, address: \"{}\", poll: 1h, points: [{{ name: k1, table: coil, address: 4, writable: true }}] }}\n",
+        dev.addr()
+    );
+    let extra = "commands:\n  - { topic: cmd/k1, write: relay/k1 }\n";
+    let gw = support::start(&gateway_yaml(&devices, extra)).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-readback",
+        &["d/#", "cmd/+/result"],
+    )
+    .await;
+    // (The first poll may have happened before this client subscribed.)
+    c.client
+        .publish("cmd/k1", rumqttc::QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    assert!(c
+        .expect("cmd/k1/result", WAIT)
+        .await
+        .payload
+        .contains("\"ok\":true"));
+    c.expect_where(WAIT, |g| g.topic == "d/relay/k1" && g.payload == "true")
+        .await
+        .expect("read back without waiting for the next poll");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_go_between_the_requests_of_a_long_poll() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Sim::new();

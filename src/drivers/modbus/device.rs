@@ -82,6 +82,9 @@ pub struct Device {
     backoff: Duration,
     /// When the device should be polled next.
     pub next_due: Instant,
+    /// A write succeeded since the current poll started: poll again at
+    /// once.
+    repoll: bool,
     pub stats: DeviceStats,
 }
 
@@ -102,6 +105,7 @@ impl Device {
             online: None,
             backoff: d.poll_interval(),
             next_due: Instant::now(),
+            repoll: false,
             stats: DeviceStats::default(),
         }
     }
@@ -134,6 +138,7 @@ impl Device {
     /// time, so that writes can go between two requests of a long poll.
     pub fn start_poll(&mut self) -> PollRun {
         self.stats.polls += 1;
+        self.repoll = false;
         PollRun {
             ts: now_ms(),
             queue: self.plan.blocks().iter().cloned().collect(),
@@ -293,6 +298,10 @@ impl Device {
     /// Fixed rate; a device that fell behind is due now (it then waits its
     /// turn behind devices that have waited longer).
     fn schedule_regular(&mut self, now: Instant) {
+        if std::mem::take(&mut self.repoll) {
+            self.next_due = now;
+            return;
+        }
         self.next_due = (self.next_due + self.poll_every).max(now);
     }
 
@@ -377,11 +386,17 @@ impl Device {
     }
 
     /// Books the outcome of a write.
-    pub fn record_write(&mut self, result: &CommandResult) {
+    /// Books the outcome of a write. After a good one the device is polled
+    /// at once, so the written value shows up without waiting for `poll`
+    /// (also when the write went between two requests of a poll).
+    pub fn record_write(&mut self, result: &CommandResult, now: Instant) {
         self.stats.writes += 1;
         if result.is_err() {
             self.stats.failed_writes += 1;
+            return;
         }
+        self.next_due = self.next_due.min(now);
+        self.repoll = true;
     }
 
     /// The spans of the points, for tools that print the plan.

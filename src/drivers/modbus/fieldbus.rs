@@ -259,6 +259,7 @@ impl FieldBus {
         let result = device
             .write(&mut self.session, &cmd.point, &cmd.value)
             .await;
+        device.record_write(&result, Instant::now());
         match &result {
             Ok(()) => {
                 tracing::info!(device = %cmd.device, point = %cmd.point, value = %cmd.value, "write done")
