@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod mapping;
+pub mod rules;
 
 use tokio::sync::mpsc;
 
