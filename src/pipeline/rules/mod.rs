@@ -9,6 +9,7 @@
 //! - `fixtures`: `edgebridge rules test`.
 
 mod convert;
+pub mod fixtures;
 mod load;
 mod outcome;
 mod runner;
