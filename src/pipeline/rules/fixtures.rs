@@ -841,12 +841,12 @@ fn diff<E, A>(
             out.push(format!("  {}", show_a(&actual[j])));
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push(format!("+ {}", show_a(&actual[j])));
-            j += 1;
-        } else {
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
             out.push(format!("- {}", show_e(&expected[i])));
             i += 1;
+        } else {
+            out.push(format!("+ {}", show_a(&actual[j])));
+            j += 1;
         }
     }
     if out.is_empty() {
@@ -1021,6 +1021,19 @@ tests:
             |e| e.to_string(),
             |a| a.to_string(),
         );
-        assert_eq!(d, "  a\n+ x\n- b\n  c");
+        assert_eq!(d, "  a\n- b\n+ x\n  c");
+    }
+}
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    /// The rules in the repo's `rules/` pass their own fixtures.
+    #[test]
+    fn shipped_rules_pass_their_fixtures() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+        let report = run(&[dir], Duration::from_millis(200));
+        assert!(report.passed(), "{report}");
     }
 }
