@@ -15,6 +15,7 @@ use crate::bus::{Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
 use crate::drivers::{self, Devices, DriverContext, DriverError};
 use crate::model::Message;
+use crate::pipeline::rules::{ReloadReport, RuleError, RuleErrors, Rules, RulesRuntime};
 use crate::pipeline::{self, mapping::Mappings};
 use crate::status::Status;
 
@@ -26,6 +27,10 @@ pub enum GatewayError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Driver(#[from] DriverError),
+    #[error("the rules do not compile:\n{0}")]
+    Rules(#[from] RuleErrors),
+    #[error("cannot start the rules thread: {0}")]
+    RulesThread(std::io::Error),
 }
 
 /// A running gateway.
@@ -38,6 +43,7 @@ pub struct Gateway {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     pipeline: JoinHandle<()>,
+    rules: Option<Arc<RulesRuntime>>,
 }
 
 impl Gateway {
@@ -45,6 +51,9 @@ impl Gateway {
     /// are started.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         let id = config.gateway.id.clone();
+        // Rules are compiled before anything starts, so a broken rule is
+        // reported (file:line:col) without a half-started gateway.
+        let rules = load_rules(&config)?;
         let (broker, bus) = if config.broker.enabled {
             let broker = Arc::new(EmbeddedBroker::start(&config).await?);
             let bus = Bus::embedded(broker.clone())?;
@@ -70,14 +79,15 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (readings_tx, readings_rx) = mpsc::channel(pipeline::READING_QUEUE);
-        let mappings = Mappings::new(&config.mappings, &id);
-        let pipeline = tokio::spawn(pipeline::run(readings_rx, mappings, bus.clone()));
+        let mappings = Arc::new(Mappings::new(&config.mappings, &id));
         let ctx = DriverContext {
             readings: readings_tx,
             status: status.clone(),
             shutdown: shutdown.child_token(),
             tasks: tasks.clone(),
         };
+        // Drivers may send before the pipeline runs: their batches wait in
+        // the channel.
         let devices = match drivers::spawn_all(&config, &ctx) {
             Ok(d) => d,
             Err(e) => {
@@ -86,6 +96,23 @@ impl Gateway {
             }
         };
         drop(ctx);
+        let rules = match rules {
+            Some(r) => Some(
+                RulesRuntime::start(r, &config, mappings.clone(), bus.clone(), devices.clone())
+                    .await
+                    .map_err(|e| {
+                        shutdown.cancel();
+                        GatewayError::RulesThread(e)
+                    })?,
+            ),
+            None => None,
+        };
+        let pipeline = tokio::spawn(pipeline::run(
+            readings_rx,
+            mappings,
+            bus.clone(),
+            rules.clone(),
+        ));
         pipeline::commands::run(&config, bus.clone(), devices.clone()).await?;
         tracing::info!(gateway = %id, devices = config.devices.len(), "gateway started");
         Ok(Gateway {
@@ -97,7 +124,23 @@ impl Gateway {
             shutdown,
             tasks,
             pipeline,
+            rules,
         })
+    }
+
+    /// Compiles the rules folder again (SIGHUP). A set that compiles
+    /// replaces the running one at once; otherwise the running rules stay
+    /// and the errors come back. `None` when no rules are configured.
+    pub async fn reload_rules(&self) -> Option<Result<ReloadReport, RuleErrors>> {
+        match &self.rules {
+            Some(r) => Some(r.reload().await),
+            None => None,
+        }
+    }
+
+    /// The rules thread, if rules are configured.
+    pub fn rules(&self) -> Option<&Arc<RulesRuntime>> {
+        self.rules.as_ref()
     }
 
     pub fn config(&self) -> &Config {
@@ -145,6 +188,9 @@ impl Gateway {
         }
         // Drivers are gone, so the pipeline ends once it has drained.
         let _ = tokio::time::timeout(Duration::from_millis(300), self.pipeline).await;
+        if let Some(r) = &self.rules {
+            r.shutdown(Duration::from_millis(500)).await;
+        }
         self.status.gateway(false).await;
         self.bus.flush(Duration::from_millis(300)).await;
         if let Some(b) = &self.broker {
@@ -152,4 +198,19 @@ impl Gateway {
         }
         tracing::info!("gateway stopped");
     }
+}
+
+/// Compiles `rules.dir` (relative to the config file), if configured.
+pub fn load_rules(config: &Config) -> Result<Option<Rules>, RuleErrors> {
+    let Some(rc) = &config.rules else {
+        return Ok(None);
+    };
+    let dir = config.resolve(&rc.dir);
+    if !dir.is_dir() {
+        return Err(RuleErrors(vec![RuleError::Io {
+            path: dir,
+            message: "`rules.dir` is not a folder".into(),
+        }]));
+    }
+    Rules::load_dir(&dir, rc.deadline).map(Some)
 }

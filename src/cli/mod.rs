@@ -43,6 +43,20 @@ pub enum Command {
     /// configured device (`--device NAME`), or raw registers from a port
     /// (`--port` or `--tcp`) decoded as every type in every byte order.
     Read(read::ReadArgs),
+    /// Work with the rhai rules.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RulesCommand {
+    /// Run rule test fixtures (`*.test.yaml`) against the rules, with no
+    /// device or broker; prints a diff for each failure and exits 1.
+    Test {
+        /// Fixture files or folders; default: the `*.test.yaml` files in
+        /// the config's `rules.dir` (or ./rules).
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Exit status for a config that does not load.
@@ -50,22 +64,25 @@ pub const EXIT_CONFIG: u8 = 2;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `rules test` prints a report; rule logs below warnings would bury it.
+    let quiet = matches!(cli.command, Some(Command::Rules(_)));
+    init_logging(if quiet { "warn" } else { "info,rumqttd=warn" });
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
         Command::Check => check(&cli.config),
         Command::Passwd { user } => report(passwd(&user)),
         Command::Read(args) => read::main(&cli.config, &args),
+        Command::Rules(RulesCommand::Test { files }) => rules_test(&cli.config, files),
     }
 }
 
 /// Logs go to stderr. Under systemd (journald sets `JOURNAL_STREAM`) there
 /// are no timestamps or colours: the journal adds its own.
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("EDGEBRIDGE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(default));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -103,12 +120,61 @@ pub fn load_config(path: &Path) -> Option<Config> {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match load_config(path) {
-        Some(_) => {
-            println!("{}: ok", path.display());
-            ExitCode::SUCCESS
+    let Some(config) = load_config(path) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if !check_rules(&config) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!("{}: ok", path.display());
+    ExitCode::SUCCESS
+}
+
+/// Compiles the configured rules, printing every error with its place.
+fn check_rules(config: &Config) -> bool {
+    match crate::gateway::load_rules(config) {
+        Ok(None) => true,
+        Ok(Some(rules)) => {
+            let dir = rules
+                .dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            println!("{dir}: {} rule file(s) ok", rules.files().len());
+            true
         }
-        None => ExitCode::from(EXIT_CONFIG),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} problem(s) in the rules", errors.0.len());
+            false
+        }
+    }
+}
+
+/// `edgebridge rules test`: 0 when every fixture passes, 1 otherwise.
+fn rules_test(config_path: &Path, files: Vec<PathBuf>) -> ExitCode {
+    use crate::pipeline::rules::fixtures;
+    // The config is only consulted for the default folder and the deadline;
+    // a missing config is fine.
+    let config = Config::load(config_path).ok();
+    let rules = config.as_ref().and_then(|c| c.rules.as_ref());
+    let deadline = rules.map_or(std::time::Duration::from_millis(10), |r| r.deadline);
+    let files = if files.is_empty() {
+        let dir = match (&config, rules) {
+            (Some(c), Some(r)) => c.resolve(&r.dir),
+            _ => PathBuf::from("rules"),
+        };
+        vec![dir]
+    } else {
+        files
+    };
+    let report = fixtures::run(&files, deadline);
+    println!("{report}");
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -116,6 +182,9 @@ fn run(path: &Path) -> ExitCode {
     let Some(config) = load_config(path) else {
         return ExitCode::from(EXIT_CONFIG);
     };
+    if !check_rules(&config) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edgebridge")
@@ -136,12 +205,28 @@ fn run(path: &Path) -> ExitCode {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let gateway = Gateway::start(config)
         .await
         .context("starting the gateway")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => match gateway.reload_rules().await {
+                None => tracing::info!("SIGHUP: no rules configured, nothing to reload"),
+                // The rules thread logs the outcome (kept and restarted
+                // files, or each compile error with file:line:col).
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {}
+            },
+        }
     }
     gateway.shutdown().await;
     Ok(())

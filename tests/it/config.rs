@@ -21,8 +21,8 @@ fn shipped_config_is_valid() {
     let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.gateway.id, "gw-001");
     assert!(c.devices.iter().any(|d| d.name == "demo-pv"));
-    assert!(c.mappings.iter().any(|m| m.topic == "PV/data"));
-    assert!(c.mappings.iter().any(|m| m.topic == "PV/sunshine"));
+    // PV/data and PV/sunshine come from rules/pv.rhai.
+    assert!(c.rules.is_some_and(|r| r.dir.ends_with("rules")));
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod load;
 mod outcome;
 mod runner;
 mod sandbox;
+mod worker;
 
 pub use load::{
     check_filter, filter_matches, FileStats, Handlers, RuleError, RuleErrors, RuleFile,
@@ -24,6 +25,7 @@ pub use sandbox::{
     AcceptWrites, DeviceWriter, MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_MAP_SIZE, MAX_OPERATIONS,
     MAX_PUBLISHES_PER_CALL, MAX_STATE_ITEMS, MAX_STRING_SIZE,
 };
+pub use worker::{ReloadReport, RulesRuntime, RULES_QUEUE};
 
 #[cfg(test)]
 mod tests;

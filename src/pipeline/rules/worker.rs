@@ -1,0 +1,407 @@
+//! The rules at run time. One thread owns the compiled [`Rules`] and runs
+//! every call, so a slow rule never holds up a driver or the broker:
+//!
+//! - the pipeline hands it reading batches with `try_send` on a bounded
+//!   channel; when the channel is full the batch skips the rules (straight
+//!   to the mappings) and that is counted and logged, so polling never
+//!   waits for a script;
+//! - a bus client subscribed to the rules' `SUBSCRIBE` filters feeds it
+//!   messages for `on_message`;
+//! - `write()` goes to [`Devices::write`] and waits for the device's answer
+//!   (that wait does not count against the rule's deadline);
+//! - SIGHUP sends it a reload; the new set replaces the old one between
+//!   two calls, or not at all.
+//!
+//! A thread and not a task because rule calls are synchronous CPU work of
+//! up to the deadline each, and `write()` blocks on a device.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::load::RuleErrors;
+use super::runner::{RuleStats, Rules};
+use super::sandbox::DeviceWriter;
+use crate::bus::Bus;
+use crate::config::{Config, DataType, DriverKind};
+use crate::drivers::Devices;
+use crate::model::{CommandResult, Message, Qos, ReadingBatch, Value};
+use crate::pipeline::commands::coerce;
+use crate::pipeline::mapping::Mappings;
+
+/// Inputs waiting for the rules thread. Beyond this, reading batches skip
+/// the rules.
+pub const RULES_QUEUE: usize = 256;
+/// The rules thread's stack: rhai recursion up to the call-level limit
+/// needs more than a default thread's 2 MiB in debug builds.
+const STACK_SIZE: usize = 8 * 1024 * 1024;
+/// At most one "rules are behind" warning per this interval.
+const BYPASS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+enum Input {
+    Batch(ReadingBatch),
+    Message(Message),
+    Reload(oneshot::Sender<Result<ReloadReport, RuleErrors>>),
+    Stats(oneshot::Sender<Vec<RuleStats>>),
+    /// Everything queued before it has been handled; the thread ends.
+    Stop(oneshot::Sender<()>),
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Files whose text did not change; their `state` survived.
+    pub kept: Vec<String>,
+    /// New or changed files; their `on_start` ran.
+    pub started: Vec<String>,
+    /// The `SUBSCRIBE` filters of the new set.
+    pub subscriptions: Vec<String>,
+}
+
+/// The gateway's side of the rules thread.
+pub struct RulesRuntime {
+    input: mpsc::Sender<Input>,
+    bus: Bus,
+    subscriber: Mutex<Subscriber>,
+    bypassed: AtomicU64,
+    last_bypass_log: Mutex<Option<Instant>>,
+}
+
+struct Subscriber {
+    filters: Vec<String>,
+    task: Option<JoinHandle<()>>,
+    generation: u32,
+}
+
+/// Executes `write()` through the gateway's devices, converting the value
+/// to the point's type the way `commands:` do.
+struct GatewayWriter {
+    devices: Devices,
+    handle: Handle,
+    types: HashMap<(String, String), Option<DataType>>,
+}
+
+impl DeviceWriter for GatewayWriter {
+    fn write(&self, device: &str, point: &str, value: &Value) -> CommandResult {
+        let ty = self.types.get(&(device.to_string(), point.to_string()));
+        let value = match ty {
+            Some(Some(ty)) => coerce(value.clone(), *ty)?,
+            _ => value.clone(),
+        };
+        self.handle
+            .block_on(self.devices.write(device, point, value))
+    }
+}
+
+impl RulesRuntime {
+    /// Starts the rules thread: it runs every file's `on_start()`, then
+    /// serves readings, messages and reloads until the gateway stops.
+    pub async fn start(
+        rules: Rules,
+        config: &Config,
+        mappings: Arc<Mappings>,
+        bus: Bus,
+        devices: Devices,
+    ) -> std::io::Result<Arc<RulesRuntime>> {
+        let handle = Handle::current();
+        let types = config
+            .devices
+            .iter()
+            .flat_map(|d| {
+                d.points.iter().map(move |p| {
+                    let typed = p.table.is_some() || p.data_type.is_some();
+                    (
+                        (d.name.clone(), p.name.clone()),
+                        typed.then(|| p.data_type()),
+                    )
+                })
+            })
+            .collect();
+        rules.set_writer(Arc::new(GatewayWriter {
+            devices,
+            handle: handle.clone(),
+            types,
+        }));
+        let serial_line: HashSet<String> = config
+            .devices
+            .iter()
+            .filter(|d| d.driver == DriverKind::SerialLine)
+            .map(|d| d.name.clone())
+            .collect();
+        let filters = rules.subscriptions();
+        let (input, rx) = mpsc::channel(RULES_QUEUE);
+        let worker = Worker {
+            rules,
+            mappings,
+            bus: bus.clone(),
+            handle,
+            serial_line,
+        };
+        std::thread::Builder::new()
+            .name("rules".into())
+            .stack_size(STACK_SIZE)
+            .spawn(move || worker.run(rx))?;
+        let runtime = Arc::new(RulesRuntime {
+            input,
+            bus,
+            subscriber: Mutex::new(Subscriber {
+                filters: Vec::new(),
+                task: None,
+                generation: 0,
+            }),
+            bypassed: AtomicU64::new(0),
+            last_bypass_log: Mutex::new(None),
+        });
+        runtime.subscribe(filters).await;
+        Ok(runtime)
+    }
+
+    /// Hands a batch to the rules; gives it back when the rules are behind
+    /// (the caller then maps it without rules).
+    pub fn offer(&self, batch: ReadingBatch) -> Result<(), ReadingBatch> {
+        match self.input.try_send(Input::Batch(batch)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Input::Batch(b)))
+            | Err(mpsc::error::TrySendError::Closed(Input::Batch(b))) => {
+                self.note_bypass(b.len());
+                Err(b)
+            }
+            // Only batches are offered.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The one place where skipped batches are counted and logged.
+    fn note_bypass(&self, readings: usize) {
+        let total = self.bypassed.fetch_add(readings as u64, Ordering::Relaxed) + readings as u64;
+        let mut last = self
+            .last_bypass_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= BYPASS_LOG_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                skipped_total = total,
+                "the rules are behind: readings go to the mappings without rules \
+                 (a slow rule or a slow write?)"
+            );
+        }
+    }
+
+    /// Readings that skipped the rules since start.
+    pub fn bypassed(&self) -> u64 {
+        self.bypassed.load(Ordering::Relaxed)
+    }
+
+    /// Compiles the rules folder again and swaps the set in if it
+    /// compiles; otherwise the running rules stay and the errors are
+    /// returned.
+    pub async fn reload(&self) -> Result<ReloadReport, RuleErrors> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || {
+            RuleErrors(vec![super::RuleError::Io {
+                path: Default::default(),
+                message: "the rules are not running".into(),
+            }])
+        };
+        self.input
+            .send(Input::Reload(tx))
+            .await
+            .map_err(|_| gone())?;
+        let report = rx.await.map_err(|_| gone())??;
+        self.subscribe(report.subscriptions.clone()).await;
+        Ok(report)
+    }
+
+    /// Counters per rule file.
+    pub async fn stats(&self) -> Vec<RuleStats> {
+        let (tx, rx) = oneshot::channel();
+        if self.input.send(Input::Stats(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// (Re)subscribes the rules' bus client when the filters changed.
+    async fn subscribe(&self, filters: Vec<String>) {
+        let generation = {
+            let mut s = self.subscriber.lock().unwrap_or_else(|e| e.into_inner());
+            if s.filters == filters && (s.task.is_some() || filters.is_empty()) {
+                return;
+            }
+            if let Some(t) = s.task.take() {
+                t.abort();
+            }
+            s.filters = filters.clone();
+            s.generation += 1;
+            s.generation
+        };
+        if filters.is_empty() {
+            return;
+        }
+        let subs: Vec<(String, Qos)> = filters
+            .iter()
+            .map(|f| (f.clone(), Qos::AtLeastOnce))
+            .collect();
+        let client_id = format!("edgebridge-rules-{generation}");
+        let mut sub = match self.bus.subscribe(&client_id, &subs).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "rules: cannot subscribe; on_message gets nothing");
+                return;
+            }
+        };
+        let input = self.input.clone();
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.recv().await {
+                if input.send(Input::Message(m)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = self.subscriber.lock().unwrap_or_else(|e| e.into_inner());
+        if s.generation == generation {
+            s.task = Some(task);
+        } else {
+            task.abort();
+        }
+    }
+
+    /// Stops receiving messages, lets the rules thread finish what is
+    /// queued (up to `limit`) and ends it. Call after the pipeline ended.
+    pub async fn shutdown(&self, limit: Duration) {
+        if let Some(t) = self
+            .subscriber
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .task
+            .take()
+        {
+            t.abort();
+        }
+        let (tx, rx) = oneshot::channel();
+        let stop = async {
+            if self.input.send(Input::Stop(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(limit, stop).await.is_err() {
+            tracing::warn!("the rules did not finish within {limit:?}");
+        }
+    }
+}
+
+struct Worker {
+    rules: Rules,
+    mappings: Arc<Mappings>,
+    bus: Bus,
+    handle: Handle,
+    serial_line: HashSet<String>,
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        let files: Vec<String> = self
+            .rules
+            .files()
+            .iter()
+            .map(|f| f.name.to_string())
+            .collect();
+        tracing::info!(files = ?files, "rules loaded");
+        let started = self.rules.start();
+        self.publish(started.publishes);
+        while let Some(input) = rx.blocking_recv() {
+            match input {
+                Input::Batch(batch) => self.batch(batch),
+                Input::Message(m) => {
+                    let out = self.rules.on_message(&m.topic, &m.payload);
+                    self.publish(out.publishes);
+                }
+                Input::Reload(reply) => {
+                    let result = self.reload();
+                    let _ = reply.send(result);
+                }
+                Input::Stats(reply) => {
+                    let _ = reply.send(self.rules.stats());
+                }
+                Input::Stop(reply) => {
+                    let _ = reply.send(());
+                    break;
+                }
+            }
+        }
+        tracing::debug!("rules thread stopped");
+    }
+
+    fn batch(&self, batch: ReadingBatch) {
+        let mut out = Vec::new();
+        for r in batch {
+            if &*r.point == "line" && self.serial_line.contains(&*r.device) {
+                if let Value::Text(line) = &r.value {
+                    let parsed = self.rules.on_line(&r.device, line, r.ts);
+                    out.extend(parsed.outcome.publishes);
+                    for derived in parsed.readings {
+                        self.reading(derived, &mut out);
+                    }
+                }
+            }
+            self.reading(r, &mut out);
+        }
+        self.publish(out);
+    }
+
+    fn reading(&self, r: crate::model::Reading, out: &mut Vec<Message>) {
+        if !self.rules.has_on_reading() {
+            self.mappings.apply(&r, out);
+            return;
+        }
+        let result = self.rules.on_reading(&r);
+        out.extend(result.outcome.publishes);
+        if let Some(r) = result.verdict.into_reading(r) {
+            self.mappings.apply(&r, out);
+        }
+    }
+
+    fn publish(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        self.handle.block_on(async {
+            for m in messages {
+                self.bus.publish(m).await;
+            }
+        });
+    }
+
+    fn reload(&mut self) -> Result<ReloadReport, RuleErrors> {
+        match self.rules.reload() {
+            Ok(r) => {
+                let report = ReloadReport {
+                    kept: r.kept.iter().map(|n| n.to_string()).collect(),
+                    started: r.started.iter().map(|n| n.to_string()).collect(),
+                    subscriptions: self.rules.subscriptions(),
+                };
+                tracing::info!(
+                    kept = ?report.kept,
+                    started = ?report.started,
+                    "rules reloaded"
+                );
+                self.publish(r.outcome.publishes);
+                Ok(report)
+            }
+            Err(e) => {
+                for err in &e.0 {
+                    tracing::error!(
+                        "rules reload rejected, the previous rules keep running: {err}"
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+}
