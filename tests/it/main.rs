@@ -8,3 +8,4 @@ mod config;
 mod drivers;
 mod gateway;
 mod interop;
+mod rules;

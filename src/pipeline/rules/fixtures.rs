@@ -30,6 +30,11 @@ use super::outcome::{Failure, Outcome, Verdict, Write};
 use super::runner::Rules;
 use crate::model::{Message, Millis, Qos, Quality, Reading, Value};
 
+/// The deadline of one call under `rules test`. Fixtures check what rules
+/// do, not how fast: a generous deadline keeps them from failing on a busy
+/// machine, and still stops an endless loop.
+pub const DEADLINE: Duration = Duration::from_secs(1);
+
 /// Fixture files are named like this, next to the rules.
 pub const FIXTURE_SUFFIX: &str = ".test.yaml";
 
@@ -903,7 +908,7 @@ tests:
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "r.rhai", RULE);
         let f = write(dir.path(), "r.test.yaml", PASSING);
-        let report = run(&[f], Duration::from_millis(200));
+        let report = run(&[f], DEADLINE);
         assert!(report.passed(), "{report}");
         assert_eq!(report.cases(), 3);
         assert!(
@@ -930,7 +935,7 @@ tests:
         writes: [ { device: plc, point: led, value: false } ]
 "#,
         );
-        let report = run(&[dir.path().to_path_buf()], Duration::from_millis(200));
+        let report = run(&[dir.path().to_path_buf()], DEADLINE);
         assert!(!report.passed());
         assert_eq!(report.failed(), 1);
         let text = report.to_string();
@@ -962,7 +967,7 @@ tests:
             "r.test.yaml",
             "tests:\n  - name: t\n    steps:\n      - line: { device: gps, line: \"x\" }\n",
         );
-        let report = run(&[f], Duration::from_millis(200));
+        let report = run(&[f], DEADLINE);
         assert!(!report.passed());
         assert!(report.to_string().contains("the rules failed:"), "{report}");
     }
@@ -976,7 +981,7 @@ tests:
             "a.test.yaml",
             "tests:\n  - name: t\n    stesp: []\n",
         );
-        let report = run(&[f], Duration::from_millis(200));
+        let report = run(&[f], DEADLINE);
         let text = report.to_string();
         assert!(
             text.contains("a.test.yaml:3:5: tests[0]: unknown field `stesp`"),
@@ -987,7 +992,7 @@ tests:
             "c.test.yaml",
             "tests:\n  - name: t\n    steps:\n      - line: { device: a, line: b }\n        publish: []\n",
         );
-        let text = run(&[f], Duration::from_millis(200)).to_string();
+        let text = run(&[f], DEADLINE).to_string();
         assert!(
             text.contains("c.test.yaml:5:9: tests[0].steps[0]: unknown field `publish`"),
             "{text}"
@@ -998,7 +1003,7 @@ tests:
             "b.test.yaml",
             "tests:\n  - name: t\n    steps: []\n",
         );
-        let report = run(&[f], Duration::from_millis(200));
+        let report = run(&[f], DEADLINE);
         let text = report.to_string();
         assert!(text.contains("r.rhai:2:7: "), "{text}");
         assert!(!report.passed());
@@ -1007,7 +1012,7 @@ tests:
     #[test]
     fn no_fixtures_is_not_a_pass() {
         let dir = tempfile::tempdir().unwrap();
-        let report = run(&[dir.path().to_path_buf()], Duration::from_millis(200));
+        let report = run(&[dir.path().to_path_buf()], DEADLINE);
         assert!(!report.passed());
         assert!(report.to_string().contains("no rule test fixtures"));
     }
@@ -1033,7 +1038,7 @@ mod shipped {
     #[test]
     fn shipped_rules_pass_their_fixtures() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-        let report = run(&[dir], Duration::from_millis(200));
+        let report = run(&[dir], DEADLINE);
         assert!(report.passed(), "{report}");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::*;
 use crate::model::{CommandResult, Qos, Quality, Reading, Value};
 
-const DEADLINE: Duration = Duration::from_millis(50);
+const DEADLINE: Duration = Duration::from_millis(200);
 
 fn rules(files: &[(&str, &str)]) -> Rules {
     match try_rules(files) {

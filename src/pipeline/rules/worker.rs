@@ -16,7 +16,7 @@
 //! up to the deadline each, and `write()` blocks on a device.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,9 @@ pub struct RulesRuntime {
     subscriber: Mutex<Subscriber>,
     bypassed: AtomicU64,
     last_bypass_log: Mutex<Option<Instant>>,
+    /// Set at shutdown: queued batches are mapped without rules, so a
+    /// backlog behind a slow rule does not delay the exit.
+    stopping: Arc<AtomicBool>,
 }
 
 struct Subscriber {
@@ -135,7 +138,9 @@ impl RulesRuntime {
             .collect();
         let filters = rules.subscriptions();
         let (input, rx) = mpsc::channel(RULES_QUEUE);
+        let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            stopping: stopping.clone(),
             rules,
             mappings,
             bus: bus.clone(),
@@ -156,6 +161,7 @@ impl RulesRuntime {
             }),
             bypassed: AtomicU64::new(0),
             last_bypass_log: Mutex::new(None),
+            stopping,
         });
         runtime.subscribe(filters).await;
         Ok(runtime)
@@ -275,6 +281,7 @@ impl RulesRuntime {
     /// Stops receiving messages, lets the rules thread finish what is
     /// queued (up to `limit`) and ends it. Call after the pipeline ended.
     pub async fn shutdown(&self, limit: Duration) {
+        self.stopping.store(true, Ordering::Relaxed);
         if let Some(t) = self
             .subscriber
             .lock()
@@ -297,6 +304,7 @@ impl RulesRuntime {
 }
 
 struct Worker {
+    stopping: Arc<AtomicBool>,
     rules: Rules,
     mappings: Arc<Mappings>,
     bus: Bus,
@@ -340,6 +348,13 @@ impl Worker {
 
     fn batch(&self, batch: ReadingBatch) {
         let mut out = Vec::new();
+        if self.stopping.load(Ordering::Relaxed) {
+            for r in &batch {
+                self.mappings.apply(r, &mut out);
+            }
+            self.publish(out);
+            return;
+        }
         for r in batch {
             if &*r.point == "line" && self.serial_line.contains(&*r.device) {
                 if let Value::Text(line) = &r.value {
