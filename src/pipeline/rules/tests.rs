@@ -539,3 +539,53 @@ fn load_dir_reads_rhai_files_in_name_order() {
         "{missing}"
     );
 }
+
+/// Every ```rhai example in rules/README.md compiles.
+#[test]
+fn readme_examples_compile() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/README.md")).unwrap();
+    let mut n = 0;
+    for block in readme.split("```rhai\n").skip(1) {
+        let code = block.split("```").next().unwrap();
+        n += 1;
+        if let Err(e) = try_rules(&[("example.rhai", code)]) {
+            panic!("README example {n} does not compile:\n{e}\n{code}");
+        }
+    }
+    assert!(n >= 6, "found {n} examples");
+}
+
+#[test]
+fn readme_moving_average_and_line_examples_work() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/README.md")).unwrap();
+    let example = |needle: &str| {
+        readme
+            .split("```rhai\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .find(|b| b.contains(needle))
+            .unwrap()
+            .to_string()
+    };
+    let r = rules(&[("avg.rhai", &example("moving average"))]);
+    let mut last = String::new();
+    for v in [1.0, 2.0, 3.0] {
+        let out = r.on_reading(&reading("x", Value::Float(v)));
+        assert!(out.outcome.failures.is_empty(), "{:?}", out.outcome.failures);
+        last = text(&out.outcome.publishes[0]).to_string();
+    }
+    assert_eq!(last, "2");
+    let r = rules(&[("line.rhai", &example("T=21.5;H=40"))]);
+    let out = r.on_line("env", "T=21.5;H=40", 0);
+    assert!(out.outcome.failures.is_empty(), "{:?}", out.outcome.failures);
+    assert_eq!(out.readings.len(), 2);
+    let r = rules(&[("f.rhai", &example("°F"))]);
+    let mut rd = reading("t", Value::Float(100.0));
+    rd.unit = Some(Arc::from("°C"));
+    rd.device = Arc::from("boiler");
+    let out = r.on_reading(&rd);
+    assert!(out.outcome.failures.is_empty(), "{:?}", out.outcome.failures);
+    assert_eq!(text(&out.outcome.publishes[0]), "212");
+}
