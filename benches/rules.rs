@@ -58,10 +58,22 @@ fn micro() {
     let n = 20_000;
     println!("| rule | ns per reading |");
     println!("|---|---|");
-    println!("| none (no `on_reading`) | {:.0} |", per_call(&none, "demo-pv", n));
-    println!("| trivial `fn on_reading(r) {{ }}` | {:.0} |", per_call(&trivial, "demo-pv", n));
-    println!("| pv.rhai, another device (returns at once) | {:.0} |", per_call(&pv, "meter", n));
-    println!("| pv.rhai, demo-pv/power (2 publishes, hysteresis) | {:.0} |", per_call(&pv, "demo-pv", n));
+    println!(
+        "| none (no `on_reading`) | {:.0} |",
+        per_call(&none, "demo-pv", n)
+    );
+    println!(
+        "| trivial `fn on_reading(r) {{ }}` | {:.0} |",
+        per_call(&trivial, "demo-pv", n)
+    );
+    println!(
+        "| pv.rhai, another device (returns at once) | {:.0} |",
+        per_call(&pv, "meter", n)
+    );
+    println!(
+        "| pv.rhai, demo-pv/power (2 publishes, hysteresis) | {:.0} |",
+        per_call(&pv, "demo-pv", n)
+    );
 }
 
 /// Messages per second a subscriber receives for `secs`, after a warm-up.
@@ -160,7 +172,11 @@ fn main() {
     println!("| rules | messages/s received | readings/s through the rules | readings/s that skipped the rules |");
     println!("|---|---|---|---|");
     let pv = pv_source();
-    for (name, src) in [("none", None), ("trivial", Some(TRIVIAL)), ("pv.rhai", Some(pv.as_str()))] {
+    for (name, src) in [
+        ("none", None),
+        ("trivial", Some(TRIVIAL)),
+        ("pv.rhai", Some(pv.as_str())),
+    ] {
         let r = rt.block_on(end_to_end(src, points, 4));
         println!(
             "| {name} | {:.0} | {:.0} | {:.0} |",

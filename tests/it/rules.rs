@@ -419,3 +419,52 @@ async fn a_slow_rule_does_not_hold_up_the_readings() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_does_not_receive_its_own_messages() {
+    // Subscribed to loop/#, answering on loop/<x>/re: without protection
+    // every answer would trigger the next one, forever.
+    let (_dir, rules) = site(&[(
+        "echo.rhai",
+        r#"
+        const SUBSCRIBE = ["loop/#"];
+        fn on_message(topic, payload) {
+            state.n = (state.n ?? 0) + 1;
+            publish(topic + "/re", payload);
+            publish("calls", state.n);
+        }
+        "#,
+    )]);
+    let gw = support::start(&yaml(
+        &rules,
+        "      - { name: p, wave: constant, value: 1 }\n",
+    ))
+    .await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-echo", &["calls", "loop/#"]).await;
+    for (i, topic) in ["loop/a", "loop/b"].into_iter().enumerate() {
+        c.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+        let calls = c.expect("calls", WAIT).await;
+        assert_eq!(
+            calls.payload,
+            (i + 1).to_string(),
+            "on_message ran for its own answer"
+        );
+        assert_eq!(c.expect(&format!("{topic}/re"), WAIT).await.payload, "x");
+    }
+    // Another client's message on the same topic as an answer still counts.
+    c.client
+        .publish("loop/a/re", rumqttc::QoS::AtLeastOnce, false, "from-lan")
+        .await
+        .unwrap();
+    assert_eq!(c.expect("calls", WAIT).await.payload, "3");
+    let answers_to_answers = c
+        .drain_where(Duration::ZERO, |g| {
+            g.topic.ends_with("/re/re") && g.payload == "x"
+        })
+        .await;
+    assert!(answers_to_answers.is_empty(), "{answers_to_answers:?}");
+    gw.shutdown().await;
+}

@@ -60,6 +60,42 @@ pub struct FileStats {
     pub calls: AtomicU64,
     pub errors: AtomicU64,
     pub deadlines: AtomicU64,
+    /// Failure logging of this file, so a rule failing on every reading
+    /// does not flood the log for months.
+    pub(crate) log: std::sync::Mutex<LogWindow>,
+}
+
+/// At most [`LogWindow::MAX_PER_WINDOW`] failure lines per file per
+/// [`LogWindow::WINDOW`]; the rest are counted and summarised.
+#[derive(Debug, Default)]
+pub(crate) struct LogWindow {
+    started: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogWindow {
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    pub const MAX_PER_WINDOW: u32 = 10;
+
+    /// Whether to log this failure, and how many were suppressed before it
+    /// (to be mentioned once, when logging resumes).
+    pub fn admit(&mut self, now: std::time::Instant) -> (bool, u64) {
+        let expired = self
+            .started
+            .is_none_or(|t| now.duration_since(t) >= Self::WINDOW);
+        if expired {
+            self.started = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < Self::MAX_PER_WINDOW {
+            self.logged += 1;
+            (true, std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            (false, 0)
+        }
+    }
 }
 
 /// One compiled rule file.
@@ -358,6 +394,19 @@ mod tests {
         assert!(check_filter("a/#/b").is_err());
         assert!(check_filter("a+").is_err());
         assert!(check_filter("").is_err());
+    }
+
+    #[test]
+    fn failure_logs_are_limited_per_window() {
+        let mut w = LogWindow::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..LogWindow::MAX_PER_WINDOW {
+            assert_eq!(w.admit(t0), (true, 0));
+        }
+        assert_eq!(w.admit(t0), (false, 0));
+        assert_eq!(w.admit(t0), (false, 0));
+        assert_eq!(w.admit(t0 + LogWindow::WINDOW), (true, 2));
+        assert_eq!(w.admit(t0 + LogWindow::WINDOW), (true, 0));
     }
 
     #[test]

@@ -410,13 +410,29 @@ impl Rules {
             FailureKind::Deadline => &file.stats.deadlines,
         };
         let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(
-            rule = %file.name,
-            function = failure.function,
-            line = failure.line,
-            count,
-            "rule failed: {failure}"
-        );
+        let (log, suppressed) = file
+            .stats
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(std::time::Instant::now());
+        if log {
+            tracing::warn!(
+                rule = %file.name,
+                function = failure.function,
+                line = failure.line,
+                count,
+                suppressed,
+                "rule failed: {failure}{}",
+                if suppressed > 0 {
+                    format!(
+                        " ({suppressed} more failures of this file were not logged)"
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         out.failures.push(failure);
     }
 }

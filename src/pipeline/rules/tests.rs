@@ -573,19 +573,31 @@ fn readme_moving_average_and_line_examples_work() {
     let mut last = String::new();
     for v in [1.0, 2.0, 3.0] {
         let out = r.on_reading(&reading("x", Value::Float(v)));
-        assert!(out.outcome.failures.is_empty(), "{:?}", out.outcome.failures);
+        assert!(
+            out.outcome.failures.is_empty(),
+            "{:?}",
+            out.outcome.failures
+        );
         last = text(&out.outcome.publishes[0]).to_string();
     }
     assert_eq!(last, "2");
     let r = rules(&[("line.rhai", &example("T=21.5;H=40"))]);
     let out = r.on_line("env", "T=21.5;H=40", 0);
-    assert!(out.outcome.failures.is_empty(), "{:?}", out.outcome.failures);
+    assert!(
+        out.outcome.failures.is_empty(),
+        "{:?}",
+        out.outcome.failures
+    );
     assert_eq!(out.readings.len(), 2);
     let r = rules(&[("f.rhai", &example("°F"))]);
     let mut rd = reading("t", Value::Float(100.0));
     rd.unit = Some(Arc::from("°C"));
     rd.device = Arc::from("boiler");
     let out = r.on_reading(&rd);
-    assert!(out.outcome.failures.is_empty(), "{:?}", out.outcome.failures);
+    assert!(
+        out.outcome.failures.is_empty(),
+        "{:?}",
+        out.outcome.failures
+    );
     assert_eq!(text(&out.outcome.publishes[0]), "212");
 }

@@ -15,7 +15,7 @@
 //! A thread and not a task because rule calls are synchronous CPU work of
 //! up to the deadline each, and `write()` blocks on a device.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::load::RuleErrors;
+use super::load::{filter_matches, RuleErrors};
 use super::runner::{RuleStats, Rules};
 use super::sandbox::DeviceWriter;
 use crate::bus::Bus;
@@ -40,6 +40,9 @@ pub const RULES_QUEUE: usize = 256;
 /// The rules thread's stack: rhai recursion up to the call-level limit
 /// needs more than a default thread's 2 MiB in debug builds.
 const STACK_SIZE: usize = 8 * 1024 * 1024;
+/// Rule messages remembered to recognise their echo (see [`Echoes`]).
+const ECHO_LIMIT: usize = 1024;
+const ECHO_TTL: Duration = Duration::from_secs(10);
 /// At most one "rules are behind" warning per this interval.
 const BYPASS_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -140,6 +143,10 @@ impl RulesRuntime {
         let (input, rx) = mpsc::channel(RULES_QUEUE);
         let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            echoes: Echoes {
+                filters: filters.clone(),
+                pending: VecDeque::new(),
+            },
             stopping: stopping.clone(),
             rules,
             mappings,
@@ -303,7 +310,52 @@ impl RulesRuntime {
     }
 }
 
+/// What the rules published on topics their own `SUBSCRIBE` matches. The
+/// broker hands such a message back to the rules' subscription; it is not
+/// given to `on_message` (as MQTT 5's no-local would do), so a rule that
+/// answers on `cmd/x/result` while subscribed to `cmd/#` cannot feed
+/// itself forever. Messages from anybody else, mappings included, do reach
+/// `on_message`.
+struct Echoes {
+    filters: Vec<String>,
+    pending: VecDeque<(Instant, String, bytes::Bytes)>,
+}
+
+impl Echoes {
+    fn note(&mut self, m: &Message) {
+        if self.filters.iter().any(|f| filter_matches(f, &m.topic)) {
+            if self.pending.len() >= ECHO_LIMIT {
+                self.pending.pop_front();
+            }
+            self.pending
+                .push_back((Instant::now(), m.topic.clone(), m.payload.clone()));
+        }
+    }
+
+    fn is_echo(&mut self, m: &Message) -> bool {
+        while self
+            .pending
+            .front()
+            .is_some_and(|(t, ..)| t.elapsed() > ECHO_TTL)
+        {
+            self.pending.pop_front();
+        }
+        match self
+            .pending
+            .iter()
+            .position(|(_, topic, payload)| *topic == m.topic && *payload == m.payload)
+        {
+            Some(i) => {
+                self.pending.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 struct Worker {
+    echoes: Echoes,
     stopping: Arc<AtomicBool>,
     rules: Rules,
     mappings: Arc<Mappings>,
@@ -322,13 +374,20 @@ impl Worker {
             .collect();
         tracing::info!(files = ?files, "rules loaded");
         let started = self.rules.start();
-        self.publish(started.publishes);
+        let mut out = Vec::new();
+        self.rule_output(started.publishes, &mut out);
+        self.publish(out);
         while let Some(input) = rx.blocking_recv() {
             match input {
                 Input::Batch(batch) => self.batch(batch),
                 Input::Message(m) => {
-                    let out = self.rules.on_message(&m.topic, &m.payload);
-                    self.publish(out.publishes);
+                    if self.echoes.is_echo(&m) {
+                        continue;
+                    }
+                    let result = self.rules.on_message(&m.topic, &m.payload);
+                    let mut out = Vec::new();
+                    self.rule_output(result.publishes, &mut out);
+                    self.publish(out);
                 }
                 Input::Reload(reply) => {
                     let result = self.reload();
@@ -346,7 +405,15 @@ impl Worker {
         tracing::debug!("rules thread stopped");
     }
 
-    fn batch(&self, batch: ReadingBatch) {
+    /// Messages published by rules: remembered when they may echo back.
+    fn rule_output(&mut self, messages: Vec<Message>, out: &mut Vec<Message>) {
+        for m in &messages {
+            self.echoes.note(m);
+        }
+        out.extend(messages);
+    }
+
+    fn batch(&mut self, batch: ReadingBatch) {
         let mut out = Vec::new();
         if self.stopping.load(Ordering::Relaxed) {
             for r in &batch {
@@ -359,7 +426,7 @@ impl Worker {
             if &*r.point == "line" && self.serial_line.contains(&*r.device) {
                 if let Value::Text(line) = &r.value {
                     let parsed = self.rules.on_line(&r.device, line, r.ts);
-                    out.extend(parsed.outcome.publishes);
+                    self.rule_output(parsed.outcome.publishes, &mut out);
                     for derived in parsed.readings {
                         self.reading(derived, &mut out);
                     }
@@ -370,13 +437,13 @@ impl Worker {
         self.publish(out);
     }
 
-    fn reading(&self, r: crate::model::Reading, out: &mut Vec<Message>) {
+    fn reading(&mut self, r: crate::model::Reading, out: &mut Vec<Message>) {
         if !self.rules.has_on_reading() {
             self.mappings.apply(&r, out);
             return;
         }
         let result = self.rules.on_reading(&r);
-        out.extend(result.outcome.publishes);
+        self.rule_output(result.outcome.publishes, out);
         if let Some(r) = result.verdict.into_reading(r) {
             self.mappings.apply(&r, out);
         }
@@ -406,7 +473,10 @@ impl Worker {
                     started = ?report.started,
                     "rules reloaded"
                 );
-                self.publish(r.outcome.publishes);
+                self.echoes.filters = report.subscriptions.clone();
+                let mut out = Vec::new();
+                self.rule_output(r.outcome.publishes, &mut out);
+                self.publish(out);
                 Ok(report)
             }
             Err(e) => {
