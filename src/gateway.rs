@@ -98,12 +98,19 @@ impl Gateway {
         drop(ctx);
         let rules = match rules {
             Some(r) => Some(
-                RulesRuntime::start(r, &config, mappings.clone(), bus.clone(), devices.clone())
-                    .await
-                    .map_err(|e| {
-                        shutdown.cancel();
-                        GatewayError::RulesThread(e)
-                    })?,
+                RulesRuntime::start(
+                    r,
+                    &config,
+                    mappings.clone(),
+                    bus.clone(),
+                    devices.clone(),
+                    status.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    shutdown.cancel();
+                    GatewayError::RulesThread(e)
+                })?,
             ),
             None => None,
         };

@@ -117,6 +117,11 @@ async fn every_api_function_works_through_the_gateway() {
         .await;
     assert!(led.is_some(), "the written point did not change");
 
+    let mut status = Client::connect(addr, "t-api-status", &["edgebridge/test-gw/rules"]).await;
+    let counters = json(&status.expect("edgebridge/test-gw/rules", WAIT).await);
+    assert_eq!(counters["files"][0]["file"], "api.rhai", "{counters}");
+    assert_eq!(counters["files"][0]["errors"], 0, "{counters}");
+
     let stats = gw.rules().expect("rules configured").stats().await;
     assert_eq!(stats.len(), 1);
     assert!(stats[0].calls >= 4, "{stats:?}");

@@ -33,6 +33,7 @@ use crate::drivers::Devices;
 use crate::model::{CommandResult, Message, Qos, ReadingBatch, Value};
 use crate::pipeline::commands::coerce;
 use crate::pipeline::mapping::Mappings;
+use crate::status::Status;
 
 /// Inputs waiting for the rules thread. Beyond this, reading batches skip
 /// the rules.
@@ -43,6 +44,8 @@ const STACK_SIZE: usize = 8 * 1024 * 1024;
 /// Rule messages remembered to recognise their echo (see [`Echoes`]).
 const ECHO_LIMIT: usize = 1024;
 const ECHO_TTL: Duration = Duration::from_secs(10);
+/// How often the counters go to `edgebridge/<id>/rules` (when changed).
+pub const STATS_EVERY: Duration = Duration::from_secs(30);
 /// At most one "rules are behind" warning per this interval.
 const BYPASS_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -76,6 +79,7 @@ pub struct RulesRuntime {
     /// Set at shutdown: queued batches are mapped without rules, so a
     /// backlog behind a slow rule does not delay the exit.
     stopping: Arc<AtomicBool>,
+    reporter: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Subscriber {
@@ -113,6 +117,7 @@ impl RulesRuntime {
         mappings: Arc<Mappings>,
         bus: Bus,
         devices: Devices,
+        status: Status,
     ) -> std::io::Result<Arc<RulesRuntime>> {
         let handle = Handle::current();
         let types = config
@@ -169,8 +174,11 @@ impl RulesRuntime {
             bypassed: AtomicU64::new(0),
             last_bypass_log: Mutex::new(None),
             stopping,
+            reporter: Mutex::new(None),
         });
         runtime.subscribe(filters).await;
+        let reporter = tokio::spawn(report_stats(Arc::downgrade(&runtime), status));
+        *runtime.reporter.lock().unwrap_or_else(|e| e.into_inner()) = Some(reporter);
         Ok(runtime)
     }
 
@@ -289,6 +297,14 @@ impl RulesRuntime {
     /// queued (up to `limit`) and ends it. Call after the pipeline ended.
     pub async fn shutdown(&self, limit: Duration) {
         self.stopping.store(true, Ordering::Relaxed);
+        if let Some(r) = self
+            .reporter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            r.abort();
+        }
         if let Some(t) = self
             .subscriber
             .lock()
@@ -306,6 +322,39 @@ impl RulesRuntime {
         };
         if tokio::time::timeout(limit, stop).await.is_err() {
             tracing::warn!("the rules did not finish within {limit:?}");
+        }
+    }
+}
+
+/// Publishes the counters, retained, on `edgebridge/<id>/rules` every
+/// [`STATS_EVERY`] when they changed:
+/// `{"files":[{"file":"pv.rhai","calls":…,"errors":…,"deadlines":…}],"skipped":…}`.
+async fn report_stats(runtime: std::sync::Weak<RulesRuntime>, status: Status) {
+    let mut tick = tokio::time::interval(STATS_EVERY);
+    let mut last = String::new();
+    loop {
+        tick.tick().await;
+        let Some(rt) = runtime.upgrade() else {
+            return;
+        };
+        let files: Vec<serde_json::Value> = rt
+            .stats()
+            .await
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "file": &*s.file,
+                    "calls": s.calls,
+                    "errors": s.errors,
+                    "deadlines": s.deadlines,
+                })
+            })
+            .collect();
+        let payload = serde_json::json!({ "files": files, "skipped": rt.bypassed() }).to_string();
+        drop(rt);
+        if payload != last {
+            status.publish_retained("rules", payload.clone()).await;
+            last = payload;
         }
     }
 }
