@@ -45,6 +45,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     driver_settings(config, &mut p);
     mappings(config, &mut p);
     commands(config, &mut p);
+    rules(config, &mut p);
     bridges(config, &mut p);
     p.0
 }
@@ -349,6 +350,25 @@ pub fn check_template(t: &str, allowed: &[&str]) -> Result<(), String> {
         rest = &rest[open + close + 1..];
     }
     Ok(())
+}
+
+/// The longest `rules.deadline` accepted: a rule that needs more is a
+/// mistake, and every reading waits behind it.
+const MAX_RULE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn rules(config: &Config, p: &mut Problems) {
+    let Some(r) = &config.rules else {
+        return;
+    };
+    if r.deadline.is_zero() || r.deadline > MAX_RULE_DEADLINE {
+        p.add(
+            "rules.deadline",
+            "must be longer than 0s and at most 10s (the default is 10ms)",
+        );
+    }
+    if r.dir.as_os_str().is_empty() {
+        p.add("rules.dir", "must name a folder, e.g. ./rules");
+    }
 }
 
 fn commands(config: &Config, p: &mut Problems) {
@@ -841,5 +861,45 @@ mod driver_tests {
         assert_eq!(a.frame_gap().as_micros(), 3645);
         assert_eq!(b.frame_gap().as_micros(), 1750);
         assert_eq!(a.offline_threshold(), 3);
+    }
+}
+
+#[cfg(test)]
+mod rules_tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn load(rules: &str) -> Result<Config, String> {
+        Config::from_text(
+            Path::new("c.yaml"),
+            &format!("gateway: {{ id: gw }}\nrules:\n{rules}"),
+            |_| None,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rules_deadline_defaults_to_10ms() {
+        let c = load("  dir: ./rules\n").unwrap();
+        let r = c.rules.unwrap();
+        assert_eq!(r.deadline, std::time::Duration::from_millis(10));
+        assert_eq!(r.dir, Path::new("./rules"));
+    }
+
+    #[test]
+    fn a_zero_or_huge_deadline_is_refused_with_its_place() {
+        for d in ["0s", "1m"] {
+            let e = load(&format!("  dir: ./rules\n  deadline: {d}\n")).unwrap_err();
+            assert!(
+                e.starts_with("c.yaml:4:13: rules.deadline: must be longer"),
+                "{e}"
+            );
+        }
+        let e = load("  dir: ./rules\n  deadlin: 5ms\n").unwrap_err();
+        assert!(
+            e.starts_with("c.yaml:4:3: rules: unknown field `deadlin`"),
+            "{e}"
+        );
     }
 }
