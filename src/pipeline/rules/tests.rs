@@ -601,3 +601,24 @@ fn readme_moving_average_and_line_examples_work() {
     );
     assert_eq!(text(&out.outcome.publishes[0]), "212");
 }
+
+#[test]
+fn state_and_constants_are_visible_in_helper_functions_and_closures() {
+    let mut r = rules(&[(
+        "h.rhai",
+        r#"
+        const STEP = 5;
+        fn bump() { state.n = (state.n ?? 0) + STEP; state.n }
+        fn on_start() {
+            bump();
+            let f = |x| x + STEP;
+            publish("n", bump());
+            publish("f", f.call(1));
+        }
+        "#,
+    )]);
+    let out = r.start();
+    assert!(out.failures.is_empty(), "{:?}", out.failures);
+    let got: Vec<_> = out.publishes.iter().map(text).collect();
+    assert_eq!(got, vec!["10", "6"]);
+}
