@@ -187,11 +187,12 @@ impl RulesRuntime {
     pub fn offer(&self, batch: ReadingBatch) -> Result<(), ReadingBatch> {
         match self.input.try_send(Input::Batch(batch)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Input::Batch(b)))
-            | Err(mpsc::error::TrySendError::Closed(Input::Batch(b))) => {
+            Err(mpsc::error::TrySendError::Full(Input::Batch(b))) => {
                 self.note_bypass(b.len());
                 Err(b)
             }
+            // The rules thread has stopped (shutdown): map the rest.
+            Err(mpsc::error::TrySendError::Closed(Input::Batch(b))) => Err(b),
             // Only batches are offered.
             Err(_) => Ok(()),
         }
