@@ -116,10 +116,21 @@ pub fn dynamic_to_value(d: &Dynamic) -> Result<Value, String> {
     }
 }
 
+/// Deepest nesting converted to or from JSON (serde_json's own parser
+/// limit): the conversions recurse, and the stack must not run out.
+pub const MAX_JSON_DEPTH: usize = 128;
+
 /// A rhai value as JSON. Maps become objects, arrays and BLOBs arrays,
 /// `()` null. Non-finite floats have no JSON form and are an error.
 pub fn dynamic_to_json(d: &Dynamic) -> Result<serde_json::Value, String> {
+    to_json_at(d, 0)
+}
+
+fn to_json_at(d: &Dynamic, depth: usize) -> Result<serde_json::Value, String> {
     use serde_json::Value as J;
+    if depth > MAX_JSON_DEPTH {
+        return Err(format!("nested deeper than {MAX_JSON_DEPTH} levels"));
+    }
     let d = d.flatten_clone();
     if d.is_unit() {
         return Ok(J::Null);
@@ -144,7 +155,7 @@ pub fn dynamic_to_json(d: &Dynamic) -> Result<serde_json::Value, String> {
     if let Ok(a) = d.as_array_ref() {
         return a
             .iter()
-            .map(dynamic_to_json)
+            .map(|v| to_json_at(v, depth + 1))
             .collect::<Result<_, _>>()
             .map(J::Array);
     }
@@ -154,7 +165,7 @@ pub fn dynamic_to_json(d: &Dynamic) -> Result<serde_json::Value, String> {
     if let Ok(m) = d.as_map_ref() {
         let mut o = serde_json::Map::with_capacity(m.len());
         for (k, v) in m.iter() {
-            o.insert(k.to_string(), dynamic_to_json(v)?);
+            o.insert(k.to_string(), to_json_at(v, depth + 1)?);
         }
         return Ok(J::Object(o));
     }
@@ -273,6 +284,15 @@ mod tests {
         let j: serde_json::Value =
             serde_json::from_str(r#"{"a":1,"b":[true,null,"x"],"c":{"d":2.5}}"#).unwrap();
         assert_eq!(dynamic_to_json(&json_to_dynamic(&j)).unwrap(), j);
+    }
+
+    #[test]
+    fn json_nesting_is_limited() {
+        let mut d = Dynamic::from_array(Vec::new());
+        for _ in 0..MAX_JSON_DEPTH + 1 {
+            d = Dynamic::from_array(vec![d]);
+        }
+        assert!(dynamic_to_json(&d).unwrap_err().contains("nested deeper"));
     }
 
     #[test]

@@ -288,8 +288,27 @@ pub fn discover(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Runs fixture files (a folder stands for its `*.test.yaml` files).
+/// Runs fixture files (a folder stands for its `*.test.yaml` files), on
+/// a thread with the stack the gateway gives its rules.
 pub fn run(paths: &[PathBuf], deadline: Duration) -> Report {
+    let paths = paths.to_vec();
+    let worker = std::thread::Builder::new()
+        .name("rules-test".into())
+        .stack_size(super::sandbox::RULES_STACK_SIZE)
+        .spawn(move || run_here(&paths, deadline));
+    match worker.map(|t| t.join()) {
+        Ok(Ok(report)) => report,
+        Ok(Err(_)) | Err(_) => Report {
+            files: vec![FileReport {
+                path: PathBuf::new(),
+                error: Some("the rule tests could not run (thread failed)".into()),
+                cases: Vec::new(),
+            }],
+        },
+    }
+}
+
+fn run_here(paths: &[PathBuf], deadline: Duration) -> Report {
     let mut report = Report::default();
     for p in paths {
         if p.is_dir() {

@@ -15,7 +15,7 @@ use super::convert;
 use super::load::{self, filter_matches, RuleError, RuleErrors, RuleFile};
 use super::outcome::{Failure, FailureKind, LineOutcome, Outcome, ReadingOutcome, Verdict};
 use super::sandbox::{
-    self, DeviceWriter, Sandbox, DEADLINE_TOKEN, MAX_STATE_ITEMS, MAX_STRING_SIZE,
+    self, DeviceWriter, Sandbox, DEADLINE_TOKEN, MAX_STATE_DEPTH, MAX_STATE_ITEMS, MAX_STRING_SIZE,
 };
 use crate::model::{Millis, Quality, Reading};
 
@@ -318,17 +318,24 @@ impl Rules {
             .call_fn_with_options::<Dynamic>(options, &mut scope, &file.ast, function, args);
         let (publishes, writes) = self.sandbox.end();
         let result = result.map_err(|e| self.failure(file, function, &e));
-        if sandbox::exceeds_items(&file.scope.state, &mut MAX_STATE_ITEMS.clone()) {
+        let problem = if !file.scope.state.is_map() {
+            // `state = 5` replaces the shared map itself.
+            Some("`state` must stay a map (use `state.x = …`); it was reset".to_string())
+        } else if sandbox::exceeds_items(&file.scope.state, &mut MAX_STATE_ITEMS.clone()) {
             // Keep memory bounded over months: a rule that keys `state` by
             // something unbounded (timestamps) starts over instead of growing.
+            Some(format!(
+                "`state` grew past {MAX_STATE_ITEMS} entries or {MAX_STATE_DEPTH} levels \
+                 and was cleared (is it keyed by something unbounded?)"
+            ))
+        } else {
+            None
+        };
+        if let Some(msg) = problem {
             let mut shared = file.scope.state.clone();
-            if let Some(mut m) = shared.write_lock::<rhai::Map>() {
-                m.clear();
+            if let Some(mut v) = shared.write_lock::<Dynamic>() {
+                *v = Dynamic::from_map(rhai::Map::new());
             }
-            let msg = format!(
-                "`state` grew past {MAX_STATE_ITEMS} entries and was cleared \
-                 (is it keyed by something unbounded?)"
-            );
             let (line, column) = load::locate(&file.source, &format!("fn {function}"));
             self.fail(file, function, line, column, msg, out);
         }

@@ -309,25 +309,41 @@ impl Sandbox {
     }
 }
 
-/// Whether `d` holds more than `budget` map entries and array items.
+/// Whether `d` holds more than `budget` map entries and array items, or
+/// nests deeper than [`MAX_STATE_DEPTH`].
 pub fn exceeds_items(d: &Dynamic, budget: &mut usize) -> bool {
+    exceeds_at(d, budget, 0)
+}
+
+/// Deepest nesting of `state` (the check recurses).
+pub const MAX_STATE_DEPTH: usize = 64;
+
+fn exceeds_at(d: &Dynamic, budget: &mut usize, depth: usize) -> bool {
+    if depth > MAX_STATE_DEPTH {
+        return true;
+    }
     // `as_*_ref` read shared values through their lock: no copy.
     if let Ok(m) = d.as_map_ref() {
         if m.len() > *budget {
             return true;
         }
         *budget -= m.len();
-        return m.values().any(|v| exceeds_items(v, budget));
+        return m.values().any(|v| exceeds_at(v, budget, depth + 1));
     }
     if let Ok(a) = d.as_array_ref() {
         if a.len() > *budget {
             return true;
         }
         *budget -= a.len();
-        return a.iter().any(|v| exceeds_items(v, budget));
+        return a.iter().any(|v| exceeds_at(v, budget, depth + 1));
     }
     false
 }
+
+/// The stack of a thread that runs rules. rhai recurses over nested
+/// values (sizes, clones, drops) up to the array and map limits, and a
+/// debug build's frames are large; the memory is only reserved, not used.
+pub const RULES_STACK_SIZE: usize = 32 * 1024 * 1024;
 
 fn register_api(
     engine: &mut Engine,

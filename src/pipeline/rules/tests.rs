@@ -622,3 +622,72 @@ fn state_and_constants_are_visible_in_helper_functions_and_closures() {
     let got: Vec<_> = out.publishes.iter().map(text).collect();
     assert_eq!(got, vec!["10", "6"]);
 }
+
+/// Runs `f` on a thread with the rules' stack, as the gateway does.
+fn on_rules_stack(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(RULES_STACK_SIZE)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn deep_nesting_is_bounded_and_does_not_overflow() {
+    on_rules_stack(|| {
+        for src in [
+            "fn on_start() { let a = []; loop { a = [a]; } }",
+            "fn on_start() { let m = #{}; loop { m = #{ x: m }; } }",
+            "fn on_start() { let a = []; loop { a = [#{ x: a }]; } }",
+            "fn on_start() { loop { state.x = #{ x: state.x }; } }",
+        ] {
+            // Stopped by the size limits (rhai counts nested items), the
+            // state check or, on a slow machine, the deadline; either way
+            // nothing overflows.
+            let mut r = rules(&[("s.rhai", src)]);
+            let failures = r.start().failures;
+            assert!(!failures.is_empty(), "{src}");
+            for f in failures {
+                assert!(
+                    f.message.contains("too large")
+                        || f.message.contains("64 levels")
+                        || f.kind == FailureKind::Deadline,
+                    "{src}: {f}"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn deep_values_are_refused_by_to_json_and_state() {
+    on_rules_stack(|| {
+        let f =
+            one_failure("fn on_start() { let a = []; for i in 0..200 { a = [a]; } to_json(a) }");
+        assert!(f.message.contains("nested deeper than 128"), "{f}");
+        let f = one_failure("fn on_start() { for i in 0..100 { state.x = #{ x: state.x }; } }");
+        assert!(f.message.contains("64 levels"), "{f}");
+    });
+}
+
+#[test]
+fn state_must_stay_a_map() {
+    let mut r = rules(&[(
+        "s.rhai",
+        "fn on_start() { state = 5; }\nfn on_reading(r) { state.n = (state.n ?? 0) + 1; publish(\"n\", state.n); }",
+    )]);
+    let out = r.start();
+    assert!(
+        out.failures[0].message.contains("must stay a map"),
+        "{:?}",
+        out.failures
+    );
+    let out = r.on_reading(&reading("x", Value::Int(1)));
+    assert!(
+        out.outcome.failures.is_empty(),
+        "{:?}",
+        out.outcome.failures
+    );
+    assert_eq!(text(&out.outcome.publishes[0]), "1");
+}

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use super::load::{filter_matches, RuleErrors};
 use super::runner::{RuleStats, Rules};
-use super::sandbox::DeviceWriter;
+use super::sandbox::{DeviceWriter, RULES_STACK_SIZE};
 use crate::bus::Bus;
 use crate::config::{Config, DataType, DriverKind};
 use crate::drivers::Devices;
@@ -38,9 +38,6 @@ use crate::status::Status;
 /// Inputs waiting for the rules thread. Beyond this, reading batches skip
 /// the rules.
 pub const RULES_QUEUE: usize = 256;
-/// The rules thread's stack: rhai recursion up to the call-level limit
-/// needs more than a default thread's 2 MiB in debug builds.
-const STACK_SIZE: usize = 8 * 1024 * 1024;
 /// Rule messages remembered to recognise their echo (see [`Echoes`]).
 const ECHO_LIMIT: usize = 1024;
 const ECHO_TTL: Duration = Duration::from_secs(10);
@@ -161,8 +158,18 @@ impl RulesRuntime {
         };
         std::thread::Builder::new()
             .name("rules".into())
-            .stack_size(STACK_SIZE)
-            .spawn(move || worker.run(rx))?;
+            .stack_size(RULES_STACK_SIZE)
+            .spawn(move || {
+                // A bug (in rhai or here) must not pass silently: readings
+                // would then skip the rules without a word.
+                let run = std::panic::AssertUnwindSafe(|| worker.run(rx));
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!(
+                        "the rules thread panicked; readings now go to the mappings \
+                         without rules until the gateway restarts"
+                    );
+                }
+            })?;
         let runtime = Arc::new(RulesRuntime {
             input,
             bus,
