@@ -244,7 +244,10 @@ async fn the_sandbox_stops_runaway_rules_and_data_keeps_flowing() {
 async fn sighup_reloads_rules_keeps_state_and_rejects_a_broken_set() {
     let counter = r#"fn on_reading(r) { if r.point == "p" { state.n = (state.n ?? 0) + 1; publish("count", state.n); } }"#;
     let version = |v: u32| {
-        format!(r#"fn on_reading(r) {{ if r.point == "p" {{ publish("ver", "{v}"); }} }}"#)
+        format!(
+            r#"fn on_start() {{ log("warn", "version {v} loaded"); print("printed by {v}"); }}
+fn on_reading(r) {{ if r.point == "p" {{ publish("ver", "{v}"); }} }}"#
+        )
     };
     let (dir, rules) = site(&[("counter.rhai", counter), ("version.rhai", &version(1))]);
     let (bin, addr) = run_binary(dir.path(), SIM).await;
@@ -265,7 +268,17 @@ async fn sighup_reloads_rules_keeps_state_and_rejects_a_broken_set() {
         "the new rule did not take over\n{}",
         bin.stderr()
     );
-    wait_log(&bin, &["rules reloaded", "kept=[\"counter.rhai\"]"]).await;
+    let log = wait_log(
+        &bin,
+        &[
+            "rules reloaded",
+            "kept=[\"counter.rhai\"]",
+            "version 2 loaded rule=\"version.rhai\"",
+            "printed by 2 rule=version.rhai",
+        ],
+    )
+    .await;
+    assert!(log.contains("version 1 loaded"), "{log}");
     c.drain_where(Duration::ZERO, |g| g.topic == "count").await;
     let after: u64 = c.expect("count", WAIT).await.payload.parse().unwrap();
     assert!(
