@@ -336,6 +336,20 @@ fn check_and_run_reject_rules_that_do_not_compile() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 rule file(s) ok"));
+
+    // A rules folder that is not there.
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "gateway: { id: gw }\nrules: { dir: ./nowhere }\n",
+    )
+    .unwrap();
+    let out = edgebridge(&["check"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("nowhere: cannot read rules: `rules.dir` is not a folder"),
+        "{err}"
+    );
 }
 
 #[test]
