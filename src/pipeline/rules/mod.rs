@@ -23,7 +23,8 @@ pub use outcome::{Failure, FailureKind, LineOutcome, Outcome, ReadingOutcome, Ve
 pub use runner::{Reloaded, RuleStats, Rules};
 pub use sandbox::{
     AcceptWrites, DeviceWriter, MAX_ARRAY_SIZE, MAX_CALL_LEVELS, MAX_MAP_SIZE, MAX_OPERATIONS,
-    MAX_PUBLISHES_PER_CALL, MAX_STATE_ITEMS, MAX_STRING_SIZE, RULES_STACK_SIZE,
+    MAX_PUBLISHES_PER_CALL, MAX_STATE_ITEMS, MAX_STRING_SIZE, MAX_WRITES_PER_CALL,
+    RULES_STACK_SIZE,
 };
 pub use worker::{ReloadReport, RulesRuntime, RULES_QUEUE};
 

@@ -45,6 +45,10 @@ pub const MAX_VARIABLES: usize = 256;
 pub const MAX_FUNCTIONS: usize = 256;
 /// Most `publish` calls in one call of a handler: a loop cannot flood the bus.
 pub const MAX_PUBLISHES_PER_CALL: usize = 1_000;
+/// Most `write` calls in one call of a handler. Each waits for a device,
+/// and that wait does not count against the deadline, so this bounds how
+/// long one call can hold the rules thread.
+pub const MAX_WRITES_PER_CALL: usize = 32;
 
 /// How often (in operations) the deadline is checked; reading the clock
 /// on every operation would cost more than the operation.
@@ -407,6 +411,12 @@ fn register_api(
             let pos = ctx.call_position();
             let value = convert::dynamic_to_value(&value)
                 .map_err(|e| runtime_error(format!("write to {device}/{point}: {e}"), pos))?;
+            if lock(&c).writes.len() >= MAX_WRITES_PER_CALL {
+                return Err(runtime_error(
+                    format!("write: more than {MAX_WRITES_PER_CALL} writes in one call"),
+                    pos,
+                ));
+            }
             let writer = lock(&w).clone();
             let started = Instant::now();
             let result = writer.write(device, point, &value);

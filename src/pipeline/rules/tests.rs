@@ -418,6 +418,21 @@ fn a_publish_flood_is_stopped() {
 }
 
 #[test]
+fn a_write_flood_is_stopped_and_earlier_writes_stay_recorded() {
+    let mut r = rules(&[(
+        "w.rhai",
+        r#"fn on_start() { loop { write("d", "p", 1); } }"#,
+    )]);
+    let out = r.start();
+    assert!(
+        out.failures[0].message.contains("writes in one call"),
+        "{:?}",
+        out.failures
+    );
+    assert_eq!(out.writes.len(), MAX_WRITES_PER_CALL);
+}
+
+#[test]
 fn eval_and_import_are_rejected_when_compiling() {
     let e = try_rules(&[("e.rhai", "fn on_start() {\n  eval(\"1\")\n}")]).unwrap_err();
     let text = e.to_string();
