@@ -706,3 +706,15 @@ fn state_must_stay_a_map() {
     );
     assert_eq!(text(&out.outcome.publishes[0]), "1");
 }
+
+#[test]
+fn constant_expressions_are_folded_and_visible() {
+    let mut r = rules(&[(
+        "c.rhai",
+        "const A = 60 * 1000;\nconst B = A * 2;\nconst C = #{x: 1, y: [1, 2]};\nfn on_start() { publish(\"a\", A); publish(\"b\", B); publish(\"c\", C); }",
+    )]);
+    let out = r.start();
+    assert!(out.failures.is_empty(), "{:?}", out.failures);
+    let got: Vec<_> = out.publishes.iter().map(text).collect();
+    assert_eq!(got, vec!["60000", "120000", r#"{"x":1,"y":[1,2]}"#]);
+}
