@@ -31,7 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway (the default).
     Run,
-    /// Validate the config and print every problem with its place.
+    /// Validate the config, compile the rules, and print every problem
+    /// with its place.
     Check,
     /// Print a `broker.users` entry with an argon2 hash of a password read
     /// from the terminal (or from standard input when it is not one).
