@@ -500,3 +500,103 @@ async fn a_rule_does_not_receive_its_own_messages() {
     assert!(answers_to_answers.is_empty(), "{answers_to_answers:?}");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_line_turns_gps_lines_from_a_serial_port_into_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut port = crate::support::pty::LinePort::start(&dir.path().join("ttyGPS"));
+    let gw = support::start(&support::yaml_with_broker(&format!(
+        "devices:\n  - {{ name: gps, driver: serial-line, port: {}, baud: 4800 }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}', payload: json }}\nrules: {{ dir: {}, deadline: 1s }}\n",
+        port.path().display(),
+        repo().join("rules").display()
+    )))
+    .await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-gps",
+        &["devices/gps/#", "edgebridge/test-gw/devices/gps/status"],
+    )
+    .await;
+    assert_eq!(
+        c.expect("edgebridge/test-gw/devices/gps/status", WAIT)
+            .await
+            .payload,
+        "online"
+    );
+    port.send(b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n")
+        .await;
+    let lat = json(&c.expect("devices/gps/lat", WAIT).await);
+    assert_eq!(lat["value"], 48.1173);
+    let alt = json(&c.expect("devices/gps/alt", WAIT).await);
+    assert_eq!(
+        (alt["value"].as_f64(), alt["unit"].as_str()),
+        (Some(545.4), Some("m"))
+    );
+    assert_eq!(
+        json(&c.expect("devices/gps/satellites", WAIT).await)["value"],
+        8
+    );
+    // The line itself is a reading too.
+    let line = json(&c.expect("devices/gps/line", WAIT).await);
+    assert!(
+        line["value"].as_str().unwrap().starts_with("$GPGGA"),
+        "{line}"
+    );
+    // A corrupt line gives no position, and the next good one does.
+    port.send(b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*48\r\n")
+        .await;
+    port.send(b"$GNGGA,001043.00,3351.7800,S,15112.6000,W,2,11,0.8,12.0,M,22.1,M,,*49\r\n")
+        .await;
+    let lat = json(&c.expect("devices/gps/lat", WAIT).await);
+    assert_eq!(lat["value"], -33.863);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmd_led_switches_a_coil_on_a_modbus_rtu_device() {
+    use crate::support::modbus_sim::{RtuBus, Sim};
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Sim::new();
+    sim.add_slave(1);
+    let bus = RtuBus::start(&sim, &dir.path().join("ttyRS485"));
+    // led.rhai writes demo-pv/led; here demo-pv is a Modbus RTU inverter.
+    let gw = support::start(&support::yaml_with_broker(&format!(
+        "devices:\n  - name: demo-pv\n    driver: modbus-rtu\n    port: {}\n    slave: 1\n    poll: 200ms\n    points:\n      - {{ name: led, table: coil, address: 1, writable: true }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}' }}\nrules: {{ dir: {}, deadline: 1s }}\n",
+        bus.path().display(),
+        repo().join("rules").display()
+    )))
+    .await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-coil",
+        &["devices/demo-pv/led", "cmd/led/result"],
+    )
+    .await;
+    assert_eq!(c.expect("devices/demo-pv/led", WAIT).await.payload, "false");
+    assert!(!sim.coil(1, 1));
+    c.client
+        .publish("cmd/led", rumqttc::QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    let result = json(&c.expect("cmd/led/result", WAIT).await);
+    assert_eq!(result, serde_json::json!({"ok": true, "value": true}));
+    assert!(sim.coil(1, 1), "the coil was not written");
+    let polled = c
+        .expect_where(WAIT, |g| {
+            g.topic == "devices/demo-pv/led" && g.payload == "true"
+        })
+        .await;
+    assert!(polled.is_some(), "the next poll did not read the coil back");
+    c.client
+        .publish(
+            "cmd/led",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"value": false}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(json(&c.expect("cmd/led/result", WAIT).await)["ok"], true);
+    assert!(!sim.coil(1, 1));
+    gw.shutdown().await;
+}
