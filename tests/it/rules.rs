@@ -427,11 +427,11 @@ async fn cmd_led_switches_a_point_through_the_shipped_led_rule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_rule_does_not_hold_up_the_readings() {
     // Every call runs into the 10 ms deadline while the simulator polls
-    // every 5 ms: the rules fall behind, and batches they cannot take go
+    // every 1 ms: the rules fall behind, and batches they cannot take go
     // straight to the mappings instead of making the driver wait.
     let (_dir, rules) = site(&[("slow.rhai", "fn on_reading(r) { loop { } }")]);
     let yaml = support::yaml_with_broker(&format!(
-        "devices:\n  - name: sim\n    driver: simulator\n    poll: 5ms\n    points:\n      - {{ name: p, wave: ramp }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}' }}\nrules: {{ dir: {} }}\n",
+        "devices:\n  - name: sim\n    driver: simulator\n    poll: 1ms\n    points:\n      - {{ name: p, wave: ramp }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}' }}\nrules: {{ dir: {} }}\n",
         rules.display()
     ));
     let gw = support::start(&yaml).await;
