@@ -1,0 +1,10 @@
+//! Cloud bridges: local topics forwarded to remote MQTT brokers through a
+//! durable queue, and remote topics carried back down.
+//!
+//! - [`queue`]: the durable on-disk queue of one bridge.
+//! - [`mqtt`]: the remote connection: options from a `BridgeConfig`
+//!   (URL, TLS, protocol 3.1.1/5, session, will), reconnect backoff, and
+//!   the packet-id to acknowledgement tracking that rumqttc does not do.
+
+pub mod mqtt;
+pub mod queue;
