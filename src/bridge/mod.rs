@@ -8,3 +8,4 @@
 
 pub mod mqtt;
 pub mod queue;
+pub mod topic;

@@ -39,6 +39,18 @@ pub struct BridgeConfig {
     /// `false` keeps the session (and queued QoS>0 messages) on the remote.
     #[serde(default)]
     pub clean_session: Option<bool>,
+    /// Message the remote broker publishes when this bridge drops off.
+    #[serde(default)]
+    pub will: Option<WillConfig>,
+    /// Delays between reconnect attempts (exponential, with jitter).
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// QoS 1/2 messages sent but not yet acknowledged, at most (1-65535).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Largest MQTT packet sent to or accepted from the remote broker.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: ByteSize,
     /// Local -> remote.
     #[serde(default)]
     pub forward: Vec<TopicRoute>,
@@ -53,6 +65,59 @@ pub struct BridgeConfig {
     /// OneNET: local topic -> thing-model property.
     #[serde(default)]
     pub properties: Vec<PropertyRoute>,
+}
+
+fn default_max_inflight() -> u16 {
+    100
+}
+
+fn default_max_packet_size() -> ByteSize {
+    ByteSize(1 << 20)
+}
+
+/// A last will: published by the remote broker when the bridge disappears.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WillConfig {
+    /// Remote topic (no wildcards).
+    pub topic: String,
+    #[serde(default)]
+    pub payload: String,
+    #[serde(default)]
+    pub qos: QosLevel,
+    #[serde(default)]
+    pub retain: bool,
+}
+
+/// Reconnect backoff: the delay doubles from `min` up to `max`, each delay
+/// jittered into its upper half so that many gateways do not reconnect in
+/// step.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// First delay after a failed attempt.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub min: Duration,
+    /// Longest delay.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            min: default_reconnect_min(),
+            max: default_reconnect_max(),
+        }
+    }
+}
+
+fn default_reconnect_min() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +154,10 @@ pub struct QueueConfig {
     /// Messages older than this are dropped (and counted).
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<Duration>,
+    /// Messages per second at most while a backlog drains; unset: as fast
+    /// as the remote broker acknowledges (`max_inflight` at a time).
+    #[serde(default)]
+    pub drain_rate: Option<u32>,
 }
 
 impl Default for QueueConfig {
@@ -96,6 +165,7 @@ impl Default for QueueConfig {
         QueueConfig {
             max_bytes: default_queue_bytes(),
             max_age: None,
+            drain_rate: None,
         }
     }
 }
@@ -130,4 +200,55 @@ pub struct PropertyRoute {
     pub topics: String,
     /// Thing-model property identifier.
     pub property: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn errors(bridge_yaml: &str) -> String {
+        let text = format!("gateway: {{ id: gw-1 }}\nbridges:\n{bridge_yaml}");
+        match Config::from_text(Path::new("c.yaml"), &text, |_| None) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bridge_settings_are_checked_with_their_place() {
+        let e = errors(
+            "  - name: cloud\n    url: mqtt://h:1\n    keep_alive: 500ms\n    max_inflight: 0\n    \
+             reconnect: { min: 5s, max: 1s }\n    forward:\n      - { topics: \"PV/#/x\" }\n",
+        );
+        assert!(e.contains("c.yaml:5:"), "{e}");
+        assert!(
+            e.contains("keep_alive: must be 0s (off) or at least 1s"),
+            "{e}"
+        );
+        assert!(e.contains("max_inflight: must be at least 1"), "{e}");
+        assert!(e.contains("reconnect.max: must not be shorter"), "{e}");
+        assert!(
+            e.contains("forward[0].topics: invalid filter `PV/#/x`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_urls_and_half_mutual_tls() {
+        let e = errors("  - name: cloud\n    url: mqtts://h:notaport\n    tls: { cert: c.pem }\n");
+        assert!(e.contains("invalid port"), "{e}");
+        assert!(e.contains("needs both `cert` and `key`"), "{e}");
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let text = "gateway: { id: gw-1 }\nbridges:\n  - { name: c, url: \"mqtt://h\" }\n";
+        let c = Config::from_text(Path::new("c.yaml"), text, |_| None).unwrap();
+        let b = &c.bridges[0];
+        assert_eq!(b.max_inflight, 100);
+        assert_eq!(b.queue.max_bytes.0, 64 << 20);
+        assert_eq!(b.reconnect.min, std::time::Duration::from_secs(1));
+    }
 }

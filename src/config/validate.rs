@@ -3,6 +3,7 @@
 //! collected with the path of the value it concerns.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use super::*;
 
@@ -425,6 +426,81 @@ fn bridges(config: &Config, p: &mut Problems) {
                     "`properties` applies to OneNET bridges only",
                 );
             }
+        }
+        bridge_connection(b, &at, p);
+        for (list, routes) in [("forward", &b.forward), ("subscribe", &b.subscribe)] {
+            for (j, r) in routes.iter().enumerate() {
+                let here = format!("bridges[{i}].{list}[{j}]");
+                if let Err(e) = crate::bridge::topic::check_filter(&r.topics) {
+                    p.add(format!("{here}.topics"), e);
+                }
+                if r.remote_prefix.contains(['+', '#']) {
+                    p.add(format!("{here}.remote_prefix"), "cannot contain `+` or `#`");
+                }
+            }
+        }
+    }
+}
+
+/// Checks of the connection settings that rumqttc would otherwise answer
+/// with a panic (keep-alive under 1s, zero inflight).
+fn bridge_connection(b: &BridgeConfig, at: &dyn Fn(&str) -> String, p: &mut Problems) {
+    if let Some(ka) = b.keep_alive {
+        if !ka.is_zero() && ka < Duration::from_secs(1) {
+            p.add(at("keep_alive"), "must be 0s (off) or at least 1s");
+        }
+        if ka > Duration::from_secs(u16::MAX as u64) {
+            p.add(at("keep_alive"), "must be at most 65535s");
+        }
+    }
+    if b.max_inflight == 0 {
+        p.add(at("max_inflight"), "must be at least 1");
+    }
+    if b.reconnect.min.is_zero() {
+        p.add(at("reconnect.min"), "must be longer than 0s");
+    }
+    if b.reconnect.max < b.reconnect.min {
+        p.add(
+            at("reconnect.max"),
+            "must not be shorter than `reconnect.min`",
+        );
+    }
+    if b.max_packet_size.0 < 128 || b.max_packet_size.0 > 268_435_455 {
+        p.add(
+            at("max_packet_size"),
+            "must be between 128B and 256MiB (the MQTT maximum)",
+        );
+    }
+    if b.queue.drain_rate == Some(0) {
+        p.add(
+            at("queue.drain_rate"),
+            "must be at least 1 message per second",
+        );
+    }
+    if b.queue.max_bytes.0 == 0 {
+        p.add(at("queue.max_bytes"), "must be larger than 0");
+    }
+    if let Some(tls) = &b.tls {
+        if tls.cert.is_some() != tls.key.is_some() {
+            p.add(
+                at("tls"),
+                "mutual TLS needs both `cert` and `key` (or neither)",
+            );
+        }
+    }
+    if let Some(url) = &b.url {
+        if let Err(e) = crate::bridge::mqtt::Endpoint::parse(url) {
+            p.add(at("url"), e.to_string());
+        }
+    }
+    if let Some(will) = &b.will {
+        if will.topic.is_empty() || will.topic.contains(['+', '#']) {
+            p.add(at("will.topic"), "must be a topic without wildcards");
+        }
+    }
+    if let Some(id) = &b.client_id {
+        if id.is_empty() {
+            p.add(at("client_id"), "must not be empty");
         }
     }
 }

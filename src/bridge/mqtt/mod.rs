@@ -1,1 +1,31 @@
-//! placeholder
+//! The connection to a remote MQTT broker, built on rumqttc, with the parts
+//! rumqttc leaves to its users (see `reference/crates.md`):
+//!
+//! - [`RemoteOptions`]: everything needed to connect, from a
+//!   `BridgeConfig` ([`RemoteOptions::from_config`]) or built by hand (the
+//!   OneNET bridge sets its own credentials). TLS is rustls with the `ring`
+//!   provider: system roots, a custom CA, client certificate and key; a
+//!   missing or bad file is a [`SetupError`], never a panic.
+//! - [`RemoteClient`]: one type over rumqttc's 3.1.1 and 5 clients, whose
+//!   [`RemoteClient::poll`] yields protocol-independent [`RemoteEvent`]s.
+//!   After an error, [`RemoteClient::reset`] makes rumqttc forget its
+//!   in-memory pending publishes, because the caller resends from its
+//!   durable queue.
+//! - [`Backoff`]: exponential reconnect delays with jitter, capped.
+//! - [`AckTracker`]: pairs each publish handed to rumqttc with its packet id
+//!   (`Outgoing::Publish(pkid)` comes in request order) and that packet id
+//!   with its PUBACK (QoS 1) or PUBCOMP (QoS 2).
+
+mod acks;
+mod backoff;
+mod client;
+mod endpoint;
+mod options;
+mod tls;
+
+pub use acks::AckTracker;
+pub use backoff::Backoff;
+pub use client::{RemoteClient, RemoteError, RemoteEvent};
+pub use endpoint::Endpoint;
+pub use options::{RemoteOptions, SetupError, Will};
+pub use tls::{client_config, TlsError};

@@ -532,9 +532,9 @@ fn copy_readable_rows(damaged: &Path, into: &Connection) -> u64 {
     let Ok(old) = Connection::open_with_flags(damaged, OpenFlags::SQLITE_OPEN_READ_WRITE) else {
         return 0;
     };
-    let Ok(mut stmt) = old.prepare(
-        "SELECT id, ts, qos, retain, size, topic, payload FROM messages ORDER BY id",
-    ) else {
+    let Ok(mut stmt) =
+        old.prepare("SELECT id, ts, qos, retain, size, topic, payload FROM messages ORDER BY id")
+    else {
         return 0;
     };
     let Ok(mut rows) = stmt.query([]) else {
@@ -606,10 +606,12 @@ fn create_private_file(path: &Path) -> Result<(), QueueError> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    opts.open(path).map(drop).map_err(|source| QueueError::File {
-        path: path.to_path_buf(),
-        source,
-    })
+    opts.open(path)
+        .map(drop)
+        .map_err(|source| QueueError::File {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

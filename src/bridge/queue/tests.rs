@@ -32,7 +32,13 @@ fn append_peek_in_order_and_ack() {
     assert_eq!(q.append(&msgs(0..5)).unwrap(), 0);
     assert_eq!(q.append(&msgs(5..10)).unwrap(), 0);
     let all = q.peek_after(0, 100).unwrap();
-    assert_eq!(topics(&all), msgs(0..10).iter().map(|m| m.topic.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        topics(&all),
+        msgs(0..10)
+            .iter()
+            .map(|m| m.topic.clone())
+            .collect::<Vec<_>>()
+    );
     assert_eq!(all[0].payload, Bytes::from("payload-0"));
     assert!(all[0].retain && !all[1].retain);
     assert_eq!(all[0].qos, Qos::AtLeastOnce);
@@ -71,7 +77,10 @@ fn replay_after_reopen_and_ids_never_reused() {
             .map(|m| message_size(&m.topic, &m.payload))
             .sum::<u64>()
     );
-    assert_eq!(topics(&q.peek_after(0, 10).unwrap()), ["PV/data/0", "PV/data/1"]);
+    assert_eq!(
+        topics(&q.peek_after(0, 10).unwrap()),
+        ["PV/data/0", "PV/data/1"]
+    );
     // Even after the newest row was deleted, new ids continue above it.
     q.append(&msgs(3..4)).unwrap();
     let all = q.peek_after(0, 10).unwrap();
@@ -210,7 +219,11 @@ fn damaged_last_record_is_detected_and_survived() {
     // The rows before the damaged page are still there, in order.
     let left = q.peek_after(0, 100).unwrap();
     assert_eq!(left.len() as u64, rec.salvaged);
-    assert!(rec.salvaged > 0 && rec.salvaged < 40, "salvaged {}", rec.salvaged);
+    assert!(
+        rec.salvaged > 0 && rec.salvaged < 40,
+        "salvaged {}",
+        rec.salvaged
+    );
     for (i, m) in left.iter().enumerate() {
         assert_eq!(m.topic, format!("t/{i}"));
     }
@@ -248,7 +261,11 @@ fn truncated_file_is_detected_and_survived() {
 #[test]
 fn garbage_file_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    fs::write(Queue::file_path(dir.path(), "cloud"), b"this is not sqlite at all, sorry").unwrap();
+    fs::write(
+        Queue::file_path(dir.path(), "cloud"),
+        b"this is not sqlite at all, sorry",
+    )
+    .unwrap();
     let (mut q, rec) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
     assert!(rec.damaged_file.is_some());
     assert_eq!(rec.salvaged, 0);

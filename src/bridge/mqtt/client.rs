@@ -1,0 +1,271 @@
+//! One client type over rumqttc's MQTT 3.1.1 and MQTT 5 clients.
+
+use bytes::Bytes;
+
+use super::options::{qos_v4, qos_v5, RemoteOptions};
+use crate::config::MqttProtocol;
+use crate::model::{Message, Qos};
+
+/// What happened on the connection, independent of the protocol version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RemoteEvent {
+    /// CONNACK accepted. Without a session the broker forgot our
+    /// subscriptions: subscribe again.
+    Connected { session_present: bool },
+    /// A publish was written to the socket with this packet id (0 for
+    /// QoS 0); comes in the order the publishes were queued.
+    Published { pkid: u16 },
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the broker has the message.
+    Acked { pkid: u16 },
+    /// MQTT 5: the broker answered with a failure reason; sending the same
+    /// message again would fail the same way.
+    Refused { pkid: u16, reason: String },
+    /// A message on one of our subscriptions.
+    Received(Message),
+    /// SUBACK; `refused` filters were not granted.
+    Subscribed { refused: usize },
+    /// Pings and the other half of QoS 2 flows.
+    Other,
+}
+
+/// A connection problem: logged, shown in the status, then retried after a
+/// backoff delay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{0}")]
+    Connection(String),
+    #[error("the connection's request queue is full")]
+    Busy,
+    #[error("the connection is closed")]
+    Closed,
+}
+
+enum Inner {
+    V4 {
+        client: rumqttc::AsyncClient,
+        eventloop: rumqttc::EventLoop,
+    },
+    V5 {
+        client: rumqttc::v5::AsyncClient,
+        eventloop: rumqttc::v5::EventLoop,
+    },
+}
+
+/// A rumqttc client and its event loop. One task owns it and does all
+/// publishing through it, so that `Published` events pair with publishes in
+/// order (see [`super::AckTracker`]).
+pub struct RemoteClient {
+    inner: Inner,
+    max_inflight: u16,
+}
+
+impl std::fmt::Debug for RemoteClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteClient").finish_non_exhaustive()
+    }
+}
+
+impl RemoteClient {
+    /// Creates the client; it connects on the first [`RemoteClient::poll`].
+    pub fn new(options: &RemoteOptions) -> RemoteClient {
+        // Room for a full window of publishes plus subscribes.
+        let cap = options.max_inflight as usize + 16;
+        let inner = match options.protocol {
+            MqttProtocol::Mqtt => {
+                let (client, eventloop) = rumqttc::AsyncClient::new(options.v4(), cap);
+                Inner::V4 { client, eventloop }
+            }
+            MqttProtocol::Mqtt5 => {
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(options.v5(), cap);
+                Inner::V5 { client, eventloop }
+            }
+        };
+        RemoteClient {
+            inner,
+            max_inflight: options.max_inflight,
+        }
+    }
+
+    /// The next event; connects first when not connected. After an error,
+    /// call [`RemoteClient::reset`], wait (backoff), and poll again to
+    /// reconnect.
+    pub async fn poll(&mut self) -> Result<RemoteEvent, RemoteError> {
+        match &mut self.inner {
+            Inner::V4 { eventloop, .. } => {
+                use rumqttc::{Event, Outgoing, Packet};
+                let event = eventloop
+                    .poll()
+                    .await
+                    .map_err(|e| RemoteError::Connection(e.to_string()))?;
+                Ok(match event {
+                    Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
+                        session_present: c.session_present,
+                    },
+                    Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Published { pkid },
+                    Event::Incoming(Packet::PubAck(a)) => RemoteEvent::Acked { pkid: a.pkid },
+                    Event::Incoming(Packet::PubComp(c)) => RemoteEvent::Acked { pkid: c.pkid },
+                    Event::Incoming(Packet::Publish(p)) => RemoteEvent::Received(Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos: qos_from_v4(p.qos),
+                        retain: p.retain,
+                    }),
+                    Event::Incoming(Packet::SubAck(s)) => RemoteEvent::Subscribed {
+                        refused: s
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count(),
+                    },
+                    _ => RemoteEvent::Other,
+                })
+            }
+            Inner::V5 { eventloop, .. } => {
+                use rumqttc::v5::mqttbytes::v5::{
+                    Packet, PubAckReason, PubRecReason, SubscribeReasonCode,
+                };
+                use rumqttc::v5::Event;
+                use rumqttc::Outgoing;
+                let event = eventloop
+                    .poll()
+                    .await
+                    .map_err(|e| RemoteError::Connection(e.to_string()))?;
+                Ok(match event {
+                    Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
+                        session_present: c.session_present,
+                    },
+                    Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Published { pkid },
+                    Event::Incoming(Packet::PubAck(a)) => match a.reason {
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                            RemoteEvent::Acked { pkid: a.pkid }
+                        }
+                        other => RemoteEvent::Refused {
+                            pkid: a.pkid,
+                            reason: format!("{other:?}"),
+                        },
+                    },
+                    Event::Incoming(Packet::PubRec(r)) => match r.reason {
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers => {
+                            RemoteEvent::Other
+                        }
+                        other => RemoteEvent::Refused {
+                            pkid: r.pkid,
+                            reason: format!("{other:?}"),
+                        },
+                    },
+                    Event::Incoming(Packet::PubComp(c)) => RemoteEvent::Acked { pkid: c.pkid },
+                    Event::Incoming(Packet::Publish(p)) => RemoteEvent::Received(Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload,
+                        qos: qos_from_v5(p.qos),
+                        retain: p.retain,
+                    }),
+                    Event::Incoming(Packet::SubAck(s)) => RemoteEvent::Subscribed {
+                        refused: s
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .count(),
+                    },
+                    _ => RemoteEvent::Other,
+                })
+            }
+        }
+    }
+
+    /// Forgets rumqttc's in-memory session state after a connection error:
+    /// its unacknowledged publishes, unsent requests and packet ids. The
+    /// caller resends from the durable queue after the next CONNACK, so
+    /// nothing is sent twice by rumqttc and once more by us, and packet ids
+    /// start over consistently for both.
+    pub fn reset(&mut self) {
+        match &mut self.inner {
+            Inner::V4 { eventloop, .. } => {
+                eventloop.clean();
+                eventloop.pending.clear();
+                eventloop.state = rumqttc::MqttState::new(self.max_inflight, false);
+            }
+            Inner::V5 { eventloop, .. } => {
+                eventloop.clean();
+                eventloop.pending.clear();
+                eventloop.state = rumqttc::v5::MqttState::new(self.max_inflight, false);
+            }
+        }
+    }
+
+    /// Queues a publish; it is written on a following `poll`. Never waits.
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: Qos,
+        retain: bool,
+    ) -> Result<(), RemoteError> {
+        let r = match &self.inner {
+            Inner::V4 { client, .. } => client
+                .try_publish(topic, qos_v4(qos), retain, payload)
+                .map_err(client_error),
+            Inner::V5 { client, .. } => client
+                .try_publish(topic, qos_v5(qos), retain, payload)
+                .map_err(client_error),
+        };
+        r
+    }
+
+    /// Queues one SUBSCRIBE for all `filters`.
+    pub fn subscribe(&self, filters: &[(String, Qos)]) -> Result<(), RemoteError> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        match &self.inner {
+            Inner::V4 { client, .. } => client
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_v4(*q))),
+                )
+                .map_err(client_error),
+            Inner::V5 { client, .. } => {
+                client
+                    .try_subscribe_many(filters.iter().map(|(f, q)| {
+                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), qos_v5(*q))
+                    }))
+                    .map_err(client_error)
+            }
+        }
+    }
+
+    /// Queues a DISCONNECT (a clean goodbye: the broker drops the will).
+    pub fn disconnect(&self) -> Result<(), RemoteError> {
+        match &self.inner {
+            Inner::V4 { client, .. } => client.try_disconnect().map_err(client_error),
+            Inner::V5 { client, .. } => client.try_disconnect().map_err(client_error),
+        }
+    }
+}
+
+fn client_error<E: std::fmt::Display>(e: E) -> RemoteError {
+    let text = e.to_string();
+    if text.contains("full") || text.contains("Full") {
+        RemoteError::Busy
+    } else {
+        RemoteError::Closed
+    }
+}
+
+fn qos_from_v4(q: rumqttc::QoS) -> Qos {
+    match q {
+        rumqttc::QoS::AtMostOnce => Qos::AtMostOnce,
+        rumqttc::QoS::AtLeastOnce => Qos::AtLeastOnce,
+        rumqttc::QoS::ExactlyOnce => Qos::ExactlyOnce,
+    }
+}
+
+fn qos_from_v5(q: rumqttc::v5::mqttbytes::QoS) -> Qos {
+    use rumqttc::v5::mqttbytes::QoS;
+    match q {
+        QoS::AtMostOnce => Qos::AtMostOnce,
+        QoS::AtLeastOnce => Qos::AtLeastOnce,
+        QoS::ExactlyOnce => Qos::ExactlyOnce,
+    }
+}
