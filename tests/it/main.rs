@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bridge;
 mod cli;
 mod config;
 mod drivers;

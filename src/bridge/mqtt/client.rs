@@ -43,11 +43,11 @@ pub enum RemoteError {
 enum Inner {
     V4 {
         client: rumqttc::AsyncClient,
-        eventloop: rumqttc::EventLoop,
+        eventloop: Box<rumqttc::EventLoop>,
     },
     V5 {
         client: rumqttc::v5::AsyncClient,
-        eventloop: rumqttc::v5::EventLoop,
+        eventloop: Box<rumqttc::v5::EventLoop>,
     },
 }
 
@@ -73,11 +73,17 @@ impl RemoteClient {
         let inner = match options.protocol {
             MqttProtocol::Mqtt => {
                 let (client, eventloop) = rumqttc::AsyncClient::new(options.v4(), cap);
-                Inner::V4 { client, eventloop }
+                Inner::V4 {
+                    client,
+                    eventloop: Box::new(eventloop),
+                }
             }
             MqttProtocol::Mqtt5 => {
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(options.v5(), cap);
-                Inner::V5 { client, eventloop }
+                Inner::V5 {
+                    client,
+                    eventloop: Box::new(eventloop),
+                }
             }
         };
         RemoteClient {
@@ -201,15 +207,14 @@ impl RemoteClient {
         qos: Qos,
         retain: bool,
     ) -> Result<(), RemoteError> {
-        let r = match &self.inner {
+        match &self.inner {
             Inner::V4 { client, .. } => client
                 .try_publish(topic, qos_v4(qos), retain, payload)
                 .map_err(client_error),
             Inner::V5 { client, .. } => client
                 .try_publish(topic, qos_v5(qos), retain, payload)
                 .map_err(client_error),
-        };
-        r
+        }
     }
 
     /// Queues one SUBSCRIBE for all `filters`.

@@ -267,7 +267,7 @@ mod tests {
         assert_eq!(v4.keep_alive(), Duration::from_secs(5));
         assert!(!v4.clean_session());
         assert_eq!(v4.max_packet_size(), 1 << 20);
-        assert_eq!(v4.last_will().unwrap().retain, true);
+        assert!(v4.last_will().unwrap().retain);
         let v5 = o.v5();
         assert!(!v5.clean_start());
         assert_eq!(v5.session_expiry_interval(), Some(u32::MAX));

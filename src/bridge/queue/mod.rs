@@ -550,25 +550,17 @@ fn copy_readable_rows(damaged: &Path, into: &Connection) -> u64 {
                 break;
             }
         };
-        let values: rusqlite::Result<(i64, i64, i64, bool, i64, String, Vec<u8>)> = (|| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-                row.get(6)?,
-            ))
-        })();
-        let Ok((id, ts, qos, retain, size, topic, payload)) = values else {
+        // Copied column by column as SQLite values: no decoding, no loss.
+        let values: rusqlite::Result<Vec<rusqlite::types::Value>> =
+            (0..7).map(|i| row.get(i)).collect();
+        let Ok(values) = values else {
             break;
         };
         if into
             .execute(
                 "INSERT INTO messages (id, ts, qos, retain, size, topic, payload) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![id, ts, qos, retain, size, topic, payload],
+                rusqlite::params_from_iter(values),
             )
             .is_err()
         {

@@ -16,6 +16,8 @@ use edgebridge::gateway::Gateway;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
+pub mod mosquitto;
+
 /// A port that was free a moment ago (for processes that need a number).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
