@@ -8,4 +8,7 @@
 
 pub mod mqtt;
 pub mod queue;
+mod task;
 pub mod topic;
+
+pub use task::{status_topic, Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};

@@ -154,8 +154,9 @@ pub struct QueueConfig {
     /// Messages older than this are dropped (and counted).
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<Duration>,
-    /// Messages per second at most while a backlog drains; unset: as fast
-    /// as the remote broker acknowledges (`max_inflight` at a time).
+    /// Messages per second sent at most, which caps how fast a backlog
+    /// drains; unset: as fast as the remote broker acknowledges
+    /// (`max_inflight` at a time).
     #[serde(default)]
     pub drain_rate: Option<u32>,
 }

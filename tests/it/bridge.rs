@@ -3,10 +3,183 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edgebridge::bridge::mqtt::{client_config, Endpoint, RemoteClient, RemoteEvent, RemoteOptions};
-use edgebridge::config::MqttProtocol;
+use bytes::Bytes;
+use edgebridge::bridge::mqtt::{
+    client_config, remote_client, Endpoint, RemoteEvent, RemoteOptions,
+};
+use edgebridge::bridge::{Bridge, BridgeSpec, BridgeStatus, LocalLink};
+use edgebridge::config::{Config, MqttProtocol};
+use edgebridge::model::Message;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::support::mosquitto::{Mosquitto, Security};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- helpers
+
+/// The bridge's local side for these tests: messages the test pushes play
+/// the local bus; what the bridge publishes locally is collected. With
+/// `echo`, local publishes matching `echo` come back like a broker would
+/// deliver them to the bridge's own subscription.
+struct TestLink {
+    rx: mpsc::Receiver<Message>,
+    out: mpsc::UnboundedSender<Message>,
+    loopback: Option<(String, mpsc::Sender<Message>)>,
+}
+
+impl LocalLink for TestLink {
+    async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    async fn publish(&mut self, m: Message) -> Result<(), String> {
+        if let Some((filter, tx)) = &self.loopback {
+            if edgebridge::bridge::topic::matches(filter, &m.topic) {
+                tx.send(m.clone()).await.map_err(|e| e.to_string())?;
+            }
+        }
+        self.out.send(m).map_err(|e| e.to_string())
+    }
+}
+
+struct Running {
+    local: mpsc::Sender<Message>,
+    published: mpsc::UnboundedReceiver<Message>,
+    status: watch::Receiver<BridgeStatus>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl Running {
+    async fn wait_status(&mut self, what: &str, f: impl Fn(&BridgeStatus) -> bool) -> BridgeStatus {
+        let r = tokio::time::timeout(WAIT, self.status.wait_for(|s| f(s)))
+            .await
+            .map(|r| r.map(|s| s.clone()));
+        match r {
+            Ok(Ok(s)) => s,
+            _ => panic!(
+                "timed out waiting for {what}; status {:?}",
+                *self.status.borrow()
+            ),
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: impl Into<Bytes>) {
+        self.local
+            .send(Message::new(topic, payload.into()))
+            .await
+            .expect("bridge is running");
+    }
+
+    /// The next locally published message that is not a status update.
+    async fn next_downlink(&mut self) -> Message {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.published.recv())
+                .await
+                .expect("timed out waiting for a downlink message")
+                .expect("bridge ended");
+            if !m.topic.starts_with("edgebridge/") {
+                return m;
+            }
+        }
+    }
+
+    async fn stop(self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        self.task.await.expect("bridge task panicked");
+        self._data.expect("data dir")
+    }
+}
+
+fn config(bridge_yaml: &str, data_dir: &Path) -> Config {
+    let text = format!(
+        "gateway: {{ id: gw-it, data_dir: {} }}\nbridges:\n{bridge_yaml}",
+        data_dir.display()
+    );
+    Config::from_text(Path::new("it.yaml"), &text, |_| None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn start_bridge(bridge_yaml: &str, data: tempfile::TempDir, echo: Option<&str>) -> Running {
+    let config = config(bridge_yaml, data.path());
+    let spec =
+        BridgeSpec::from_config(&config.bridges[0], &config).unwrap_or_else(|e| panic!("{e}"));
+    let bridge = Bridge::open(spec).unwrap_or_else(|e| panic!("{e}"));
+    let status = bridge.status();
+    let (local, rx) = mpsc::channel(20_000);
+    let (out, published) = mpsc::unbounded_channel();
+    let link = TestLink {
+        rx,
+        out,
+        loopback: echo.map(|f| (f.to_string(), local.clone())),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bridge.run(link, shutdown.clone()));
+    Running {
+        local,
+        published,
+        status,
+        shutdown,
+        task,
+        _data: Some(data),
+    }
+}
+
+/// A subscriber on the remote broker: (topic, payload) of every message.
+/// It keeps reconnecting (its session persists when `clean` is false).
+async fn remote_subscriber(
+    port: u16,
+    id: &str,
+    filter: &str,
+    clean: bool,
+) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Bytes)>) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(clean)
+        .set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let sub = client.clone();
+    let filter = filter.to_string();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(c))) if !c.session_present => {
+                    let _ = sub.try_subscribe(filter.clone(), QoS::ExactlyOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.clone())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(WAIT, ready_rx)
+        .await
+        .expect("remote subscriber did not get SUBACK")
+        .expect("subscriber ended");
+    (client, rx)
+}
+
+async fn next_remote(rx: &mut mpsc::UnboundedReceiver<(String, Bytes)>) -> (String, Bytes) {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a message on the remote broker")
+        .expect("subscriber ended")
+}
 
 fn options(url: &str, tls: Option<rustls::ClientConfig>) -> RemoteOptions {
     RemoteOptions {
@@ -26,7 +199,7 @@ fn options(url: &str, tls: Option<rustls::ClientConfig>) -> RemoteOptions {
 
 /// Polls until CONNACK or the first error.
 async fn first_connect(opts: &RemoteOptions) -> Result<bool, String> {
-    let mut client = RemoteClient::new(opts);
+    let (_sender, mut client) = remote_client(opts);
     let r = tokio::time::timeout(Duration::from_secs(10), client.poll())
         .await
         .map_err(|_| "no answer within 10s".to_string())?;
@@ -40,6 +213,12 @@ async fn first_connect(opts: &RemoteOptions) -> Result<bool, String> {
 fn tls(ca: &Path, client: Option<(&PathBuf, &PathBuf)>) -> rustls::ClientConfig {
     client_config(Some(ca), client.map(|(c, k)| (c.as_path(), k.as_path()))).unwrap()
 }
+
+fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+// ------------------------------------------------------------------ tests
 
 #[tokio::test]
 #[ignore = "needs mosquitto: run by .ci/run"]
@@ -72,4 +251,226 @@ async fn mutual_tls_needs_the_client_certificate() {
     assert!(first_connect(&options(&m.url(), Some(tls(&c.ca, None))))
         .await
         .is_err());
+}
+
+/// Uplink and downlink through Mosquitto, MQTT 3.1.1 and 5, QoS 0, 1, 2.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn uplink_and_downlink_both_protocols_every_qos() {
+    let m = Mosquitto::start(Security::Plain);
+    let (remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", true).await;
+    for protocol in ["mqtt", "mqtt5"] {
+        for qos in 0..=2u8 {
+            let yaml = format!(
+                "  - name: cloud\n    url: {}\n    protocol: {protocol}\n    client_id: gw-{protocol}-{qos}\n    \
+                 forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/gw/\", qos: {qos} }} ]\n    \
+                 subscribe: [ {{ topics: \"cmd/#\", remote_prefix: \"down/gw/\", qos: {qos} }} ]\n",
+                m.url()
+            );
+            // Retained, so the bridge gets it whenever its SUBSCRIBE lands.
+            let cmd = format!("on-{protocol}-{qos}");
+            remote
+                .publish("down/gw/cmd/led", QoS::AtLeastOnce, true, cmd.clone())
+                .await
+                .unwrap();
+            let mut b = start_bridge(&yaml, data_dir(), None);
+            b.wait_status("connected", |s| s.connected).await;
+            let payload = format!("{protocol}-{qos}");
+            b.publish("PV/data", payload.clone()).await;
+            let (topic, body) = next_remote(&mut seen).await;
+            assert_eq!(
+                (topic.as_str(), body.as_ref()),
+                ("site/gw/PV/data", payload.as_bytes())
+            );
+
+            let down = b.next_downlink().await;
+            assert_eq!(down.topic, "cmd/led", "prefix stripped");
+            assert_eq!(down.payload, Bytes::from(cmd));
+            let s = b
+                .wait_status("forwarded", |s| s.forwarded == 1 && s.queue_depth == 0)
+                .await;
+            assert_eq!(s.received, 1);
+            b.stop().await;
+        }
+    }
+}
+
+/// A command that came down from the cloud is published locally; the
+/// bridge's own forward filter matches it, but it is not sent back up.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn loop_guard_does_not_send_downlink_back() {
+    let m = Mosquitto::start(Security::Plain);
+    let (remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", true).await;
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    \
+         forward: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 1 }} ]\n    \
+         subscribe: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        m.url()
+    );
+    let mut b = start_bridge(&yaml, data_dir(), Some("cmd/#"));
+    b.wait_status("connected", |s| s.connected).await;
+    // Wait until the bridge's SUBSCRIBE is in: a retained probe comes down.
+    remote
+        .publish("site/cmd/probe", QoS::AtLeastOnce, true, "p")
+        .await
+        .unwrap();
+    assert_eq!(b.next_downlink().await.topic, "cmd/probe");
+    let (t, _) = next_remote(&mut seen).await;
+    assert_eq!(t, "site/cmd/probe", "the cloud app sees its own probe");
+
+    remote
+        .publish("site/cmd/led", QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_remote(&mut seen).await.0,
+        "site/cmd/led",
+        "the cloud app's own publish"
+    );
+    assert_eq!(b.next_downlink().await.topic, "cmd/led");
+    // A local message after it: order is kept, so an echo would come first.
+    b.publish("cmd/marker", "m").await;
+    let (t, _) = next_remote(&mut seen).await;
+    assert_eq!(
+        t, "site/cmd/marker",
+        "the downlinked command was forwarded back"
+    );
+    b.stop().await;
+}
+
+/// Mosquitto down, 10 000 numbered messages published locally, Mosquitto
+/// up again: all arrive, in order.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn outage_with_10000_messages_loses_nothing_and_keeps_order() {
+    let mut m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", false).await;
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    reconnect: {{ min: 100ms, max: 500ms }}\n    \
+         forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        m.url()
+    );
+    let mut b = start_bridge(&yaml, data_dir(), None);
+    b.wait_status("connected", |s| s.connected).await;
+    m.stop();
+    b.wait_status("disconnected", |s| !s.connected).await;
+    const N: usize = 10_000;
+    for i in 0..N {
+        b.publish("PV/seq", i.to_string()).await;
+    }
+    b.wait_status("all queued", |s| s.queue_depth == N as u64)
+        .await;
+    m.restart();
+    let mut got = Vec::with_capacity(N);
+    let mut seen_set = std::collections::HashSet::new();
+    while seen_set.len() < N {
+        let (_, p) = next_remote(&mut seen).await;
+        let i: usize = std::str::from_utf8(&p).unwrap().parse().unwrap();
+        if seen_set.insert(i) {
+            got.push(i);
+        }
+    }
+    assert!(got.iter().copied().eq(0..N), "not in order");
+    let s = b.wait_status("drained", |s| s.queue_depth == 0).await;
+    assert_eq!(s.forwarded, N as u64);
+    b.stop().await;
+}
+
+/// A small `max_bytes`: the oldest are dropped and counted, the newest
+/// arrive.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn small_queue_drops_the_oldest_and_reports_how_many() {
+    let mut m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", false).await;
+    m.stop();
+    // Each message counts its remote topic (12) + payload (3) + 32 bytes: 47;
+    // room for 20.
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    reconnect: {{ min: 100ms, max: 300ms }}\n    \
+         queue: {{ max_bytes: 940 }}\n    \
+         forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        m.url()
+    );
+    let mut b = start_bridge(&yaml, data_dir(), None);
+    for i in 0..100 {
+        b.publish("PV/data", format!("{i:03}")).await;
+    }
+    let s = b
+        .wait_status("drops", |s| s.dropped == 80 && s.queue_depth == 20)
+        .await;
+    assert!(s.queue_bytes <= 940);
+    // The retained status on the local bus says so too.
+    let mut last = None;
+    while let Ok(m) = b.published.try_recv() {
+        if m.topic == "edgebridge/gw-it/bridges/cloud/status" {
+            assert!(m.retain);
+            last = Some(m);
+        }
+    }
+    let json: serde_json::Value = serde_json::from_slice(&last.unwrap().payload).unwrap();
+    assert_eq!(json["dropped"], 80);
+    m.restart();
+    for i in 80..100 {
+        let (_, p) = next_remote(&mut seen).await;
+        assert_eq!(p, Bytes::from(format!("{i:03}")));
+    }
+    b.stop().await;
+}
+
+/// The remote accepts TCP and hangs up at once. Counted attempts stay
+/// within what the backoff schedule allows (no storm).
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn reconnect_storm_stays_within_the_backoff_schedule() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (count_tx, mut count_rx) = mpsc::unbounded_channel();
+    let acceptor = tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            drop(sock);
+            let _ = count_tx.send(tokio::time::Instant::now());
+        }
+    });
+    let (min, max) = (Duration::from_millis(100), Duration::from_millis(400));
+    let yaml = format!(
+        "  - name: cloud\n    url: mqtt://127.0.0.1:{port}\n    reconnect: {{ min: 100ms, max: 400ms }}\n    \
+         forward: [ {{ topics: \"PV/#\", qos: 1 }} ]\n"
+    );
+    let mut b = start_bridge(&yaml, data_dir(), None);
+    let window = Duration::from_secs(3);
+    let first = tokio::time::timeout(WAIT, count_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    b.wait_status("errors", |s| s.connection_errors >= 1).await;
+    tokio::time::sleep_until(first + window).await;
+    let mut attempts = vec![first];
+    while let Ok(t) = count_rx.try_recv() {
+        if t <= first + window {
+            attempts.push(t);
+        }
+    }
+    // The most attempts the schedule allows in the window: each delay is at
+    // least half of min(max, min * 2^n).
+    let mut allowed = 1;
+    let mut elapsed = Duration::ZERO;
+    for n in 0.. {
+        let ceiling = (min * 2u32.pow(n.min(20))).min(max);
+        elapsed += ceiling / 2;
+        if elapsed > window {
+            break;
+        }
+        allowed += 1;
+    }
+    assert!(attempts.len() >= 3, "it keeps trying: {}", attempts.len());
+    assert!(
+        attempts.len() <= allowed,
+        "{} attempts in {window:?}, schedule allows {allowed}",
+        attempts.len()
+    );
+    let s = b.stop().await;
+    drop(s);
+    acceptor.abort();
 }

@@ -40,64 +40,77 @@ pub enum RemoteError {
     Closed,
 }
 
-enum Inner {
-    V4 {
-        client: rumqttc::AsyncClient,
-        eventloop: Box<rumqttc::EventLoop>,
-    },
-    V5 {
-        client: rumqttc::v5::AsyncClient,
-        eventloop: Box<rumqttc::v5::EventLoop>,
-    },
+enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
-/// A rumqttc client and its event loop. One task owns it and does all
-/// publishing through it, so that `Published` events pair with publishes in
-/// order (see [`super::AckTracker`]).
-pub struct RemoteClient {
-    inner: Inner,
+#[derive(Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The event loop half of a remote connection: poll it in a loop in a task
+/// of its own. Dropping a `poll()` future in the middle (e.g. in a
+/// `select!`) can lose a half-written packet and its `Published` event, so
+/// only cancel it to stop for good.
+pub struct RemoteConnection {
+    inner: Loop,
     max_inflight: u16,
 }
 
-impl std::fmt::Debug for RemoteClient {
+/// The request half: queues publishes and subscribes for the event loop.
+/// Only one task should publish through it, so that `Published` events
+/// pair with publishes in order (see [`super::AckTracker`]).
+#[derive(Clone)]
+pub struct RemoteSender {
+    inner: Client,
+}
+
+impl std::fmt::Debug for RemoteConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteClient").finish_non_exhaustive()
+        f.debug_struct("RemoteConnection").finish_non_exhaustive()
     }
 }
 
-impl RemoteClient {
-    /// Creates the client; it connects on the first [`RemoteClient::poll`].
-    pub fn new(options: &RemoteOptions) -> RemoteClient {
-        // Room for a full window of publishes plus subscribes.
-        let cap = options.max_inflight as usize + 16;
-        let inner = match options.protocol {
-            MqttProtocol::Mqtt => {
-                let (client, eventloop) = rumqttc::AsyncClient::new(options.v4(), cap);
-                Inner::V4 {
-                    client,
-                    eventloop: Box::new(eventloop),
-                }
-            }
-            MqttProtocol::Mqtt5 => {
-                let (client, eventloop) = rumqttc::v5::AsyncClient::new(options.v5(), cap);
-                Inner::V5 {
-                    client,
-                    eventloop: Box::new(eventloop),
-                }
-            }
-        };
-        RemoteClient {
+impl std::fmt::Debug for RemoteSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSender").finish_non_exhaustive()
+    }
+}
+
+/// Creates a client for `options`; it connects on the first
+/// [`RemoteConnection::poll`].
+pub fn remote_client(options: &RemoteOptions) -> (RemoteSender, RemoteConnection) {
+    // Room for a full window of publishes plus subscribes.
+    let cap = options.max_inflight as usize + 16;
+    let (client, inner) = match options.protocol {
+        MqttProtocol::Mqtt => {
+            let (client, eventloop) = rumqttc::AsyncClient::new(options.v4(), cap);
+            (Client::V4(client), Loop::V4(Box::new(eventloop)))
+        }
+        MqttProtocol::Mqtt5 => {
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(options.v5(), cap);
+            (Client::V5(client), Loop::V5(Box::new(eventloop)))
+        }
+    };
+    (
+        RemoteSender { inner: client },
+        RemoteConnection {
             inner,
             max_inflight: options.max_inflight,
-        }
-    }
+        },
+    )
+}
 
+impl RemoteConnection {
     /// The next event; connects first when not connected. After an error,
-    /// call [`RemoteClient::reset`], wait (backoff), and poll again to
+    /// call [`RemoteConnection::reset`], wait (backoff), and poll again to
     /// reconnect.
     pub async fn poll(&mut self) -> Result<RemoteEvent, RemoteError> {
         match &mut self.inner {
-            Inner::V4 { eventloop, .. } => {
+            Loop::V4(eventloop) => {
                 use rumqttc::{Event, Outgoing, Packet};
                 let event = eventloop
                     .poll()
@@ -126,7 +139,7 @@ impl RemoteClient {
                     _ => RemoteEvent::Other,
                 })
             }
-            Inner::V5 { eventloop, .. } => {
+            Loop::V5(eventloop) => {
                 use rumqttc::v5::mqttbytes::v5::{
                     Packet, PubAckReason, PubRecReason, SubscribeReasonCode,
                 };
@@ -186,19 +199,21 @@ impl RemoteClient {
     /// start over consistently for both.
     pub fn reset(&mut self) {
         match &mut self.inner {
-            Inner::V4 { eventloop, .. } => {
+            Loop::V4(eventloop) => {
                 eventloop.clean();
                 eventloop.pending.clear();
                 eventloop.state = rumqttc::MqttState::new(self.max_inflight, false);
             }
-            Inner::V5 { eventloop, .. } => {
+            Loop::V5(eventloop) => {
                 eventloop.clean();
                 eventloop.pending.clear();
                 eventloop.state = rumqttc::v5::MqttState::new(self.max_inflight, false);
             }
         }
     }
+}
 
+impl RemoteSender {
     /// Queues a publish; it is written on a following `poll`. Never waits.
     pub fn publish(
         &self,
@@ -208,10 +223,10 @@ impl RemoteClient {
         retain: bool,
     ) -> Result<(), RemoteError> {
         match &self.inner {
-            Inner::V4 { client, .. } => client
+            Client::V4(client) => client
                 .try_publish(topic, qos_v4(qos), retain, payload)
                 .map_err(client_error),
-            Inner::V5 { client, .. } => client
+            Client::V5(client) => client
                 .try_publish(topic, qos_v5(qos), retain, payload)
                 .map_err(client_error),
         }
@@ -223,14 +238,14 @@ impl RemoteClient {
             return Ok(());
         }
         match &self.inner {
-            Inner::V4 { client, .. } => client
+            Client::V4(client) => client
                 .try_subscribe_many(
                     filters
                         .iter()
                         .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_v4(*q))),
                 )
                 .map_err(client_error),
-            Inner::V5 { client, .. } => {
+            Client::V5(client) => {
                 client
                     .try_subscribe_many(filters.iter().map(|(f, q)| {
                         rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), qos_v5(*q))
@@ -243,8 +258,8 @@ impl RemoteClient {
     /// Queues a DISCONNECT (a clean goodbye: the broker drops the will).
     pub fn disconnect(&self) -> Result<(), RemoteError> {
         match &self.inner {
-            Inner::V4 { client, .. } => client.try_disconnect().map_err(client_error),
-            Inner::V5 { client, .. } => client.try_disconnect().map_err(client_error),
+            Client::V4(client) => client.try_disconnect().map_err(client_error),
+            Client::V5(client) => client.try_disconnect().map_err(client_error),
         }
     }
 }

@@ -6,9 +6,10 @@
 //!   OneNET bridge sets its own credentials). TLS is rustls with the `ring`
 //!   provider: system roots, a custom CA, client certificate and key; a
 //!   missing or bad file is a [`SetupError`], never a panic.
-//! - [`RemoteClient`]: one type over rumqttc's 3.1.1 and 5 clients, whose
-//!   [`RemoteClient::poll`] yields protocol-independent [`RemoteEvent`]s.
-//!   After an error, [`RemoteClient::reset`] makes rumqttc forget its
+//! - [`remote_client`]: one type over rumqttc's 3.1.1 and 5 clients, split
+//!   into a [`RemoteSender`] and a [`RemoteConnection`] whose
+//!   [`RemoteConnection::poll`] yields protocol-independent [`RemoteEvent`]s.
+//!   After an error, [`RemoteConnection::reset`] makes rumqttc forget its
 //!   in-memory pending publishes, because the caller resends from its
 //!   durable queue.
 //! - [`Backoff`]: exponential reconnect delays with jitter, capped.
@@ -25,7 +26,7 @@ mod tls;
 
 pub use acks::AckTracker;
 pub use backoff::Backoff;
-pub use client::{RemoteClient, RemoteError, RemoteEvent};
+pub use client::{remote_client, RemoteConnection, RemoteError, RemoteEvent, RemoteSender};
 pub use endpoint::Endpoint;
 pub use options::{RemoteOptions, SetupError, Will};
 pub use tls::{client_config, TlsError};

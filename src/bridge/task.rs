@@ -1,0 +1,753 @@
+//! The bridge task: local bus -> durable queue -> remote broker, and remote
+//! subscriptions -> local bus.
+//!
+//! # How a message travels
+//! 1. The bridge's subscription on the local bus yields a message matching
+//!    a `forward` filter. It is mapped to its remote topic and QoS and
+//!    appended to the queue (batched: everything already waiting goes into
+//!    one transaction) before anything else happens to it.
+//! 2. While connected, the oldest queued messages are handed to rumqttc, at
+//!    most `max_inflight` at a time, strictly in queue order.
+//! 3. A message is deleted from the queue when the remote broker
+//!    acknowledged it: PUBACK (QoS 1), PUBCOMP (QoS 2), or, for QoS 0, once
+//!    it was written to the socket.
+//! 4. When the connection drops, everything not yet deleted is sent again,
+//!    from the oldest, after the next CONNACK (at-least-once). rumqttc's own
+//!    in-memory retransmission is switched off (see
+//!    [`RemoteConnection::reset`]) so that one durable copy drives it.
+//!
+//! # Backlog and live data
+//! Order is preserved, so live data queues behind a backlog. What keeps it
+//! flowing is that the task never stops taking messages from the local bus
+//! while it drains (appends and sends interleave in one loop), the drain is
+//! clocked by the remote broker's acknowledgements (a window of
+//! `max_inflight`), and `queue.drain_rate` can cap it so that a long backlog
+//! does not take the whole uplink. The backlog drains by itself after a
+//! reconnect; it does not wait for new data.
+//!
+//! # Connection handling
+//! rumqttc's `poll()` must not be cancelled mid-way, so it runs in its own
+//! task ([`drive`]) that forwards events over a channel. After an error it
+//! waits until the bridge task has seen the error and answered with the
+//! backoff delay; only then does it clear rumqttc's state, so publishes
+//! handed over just before the error cannot come out after the reconnect
+//! and confuse the packet id pairing.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::mqtt::{
+    remote_client, AckTracker, Backoff, RemoteConnection, RemoteError, RemoteEvent, RemoteOptions,
+    RemoteSender, SetupError,
+};
+use super::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
+use super::topic;
+use crate::config::{BridgeConfig, Config, ReconnectConfig, TopicRoute};
+use crate::model::{now_ms, Message, Millis, Qos};
+
+/// The bridge's side of the local bus: a subscription to its `forward`
+/// filters, and a way to publish downlink messages and its status.
+pub trait LocalLink: Send {
+    /// The next message on one of the bridge's filters; `None` when the bus
+    /// is gone. Must be cancel-safe (it is used in `select!`).
+    fn recv(&mut self) -> impl Future<Output = Option<Message>> + Send;
+    /// Publishes on the local bus.
+    fn publish(&mut self, message: Message) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Errors that stop a bridge from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("bridge `{bridge}`: {source}")]
+    Queue { bridge: String, source: QueueError },
+}
+
+/// Everything a bridge needs, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct BridgeSpec {
+    pub name: String,
+    pub remote: RemoteOptions,
+    /// Local -> remote.
+    pub forward: Vec<TopicRoute>,
+    /// Remote -> local.
+    pub subscribe: Vec<TopicRoute>,
+    pub data_dir: PathBuf,
+    pub limits: QueueLimits,
+    pub drain_rate: Option<u32>,
+    pub reconnect: ReconnectConfig,
+    /// Retained status topic: `edgebridge/<id>/bridges/<name>/status`.
+    pub status_topic: String,
+}
+
+impl BridgeSpec {
+    /// The spec of a generic MQTT bridge; reads and checks TLS files.
+    pub fn from_config(b: &BridgeConfig, config: &Config) -> Result<BridgeSpec, BridgeError> {
+        let remote =
+            RemoteOptions::from_config(b, &config.gateway.id, &|p: &Path| config.resolve(p))?;
+        Ok(BridgeSpec {
+            name: b.name.clone(),
+            remote,
+            forward: b.forward.clone(),
+            subscribe: b.subscribe.clone(),
+            data_dir: config.resolve(&config.gateway.data_dir),
+            limits: QueueLimits::from(&b.queue),
+            drain_rate: b.queue.drain_rate,
+            reconnect: b.reconnect,
+            status_topic: status_topic(&config.gateway.id, &b.name),
+        })
+    }
+
+    /// The filters to subscribe to on the local bus.
+    pub fn local_filters(&self) -> Vec<(String, Qos)> {
+        self.forward
+            .iter()
+            .map(|r| (r.topics.clone(), r.qos.0))
+            .collect()
+    }
+
+    /// Remote topic and QoS for a local topic: the first matching `forward`
+    /// route; `None` if none matches.
+    pub fn uplink(&self, local_topic: &str) -> Option<(String, Qos)> {
+        self.forward
+            .iter()
+            .find(|r| topic::matches(&r.topics, local_topic))
+            .map(|r| (format!("{}{local_topic}", r.remote_prefix), r.qos.0))
+    }
+
+    /// Local topic for a remote one: the first `subscribe` route whose
+    /// prefixed filter matches, with the prefix stripped.
+    pub fn downlink(&self, remote_topic: &str) -> Option<String> {
+        self.subscribe.iter().find_map(|r| {
+            let local = remote_topic.strip_prefix(r.remote_prefix.as_str())?;
+            topic::matches(&r.topics, local).then(|| local.to_string())
+        })
+    }
+
+    /// The remote filters to subscribe to.
+    pub fn remote_filters(&self) -> Vec<(String, Qos)> {
+        self.subscribe
+            .iter()
+            .map(|r| (format!("{}{}", r.remote_prefix, r.topics), r.qos.0))
+            .collect()
+    }
+}
+
+/// `edgebridge/<gateway>/bridges/<bridge>/status`.
+pub fn status_topic(gateway_id: &str, bridge: &str) -> String {
+    format!("edgebridge/{gateway_id}/bridges/{bridge}/status")
+}
+
+/// What a bridge reports: retained JSON on its status topic, and through
+/// [`Bridge::status`] for the operations endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BridgeStatus {
+    pub connected: bool,
+    /// Messages waiting in the queue (in flight included).
+    pub queue_depth: u64,
+    pub queue_bytes: u64,
+    /// Acknowledged by the remote broker (QoS 0: written) since start.
+    pub forwarded: u64,
+    /// Dropped by the queue limits, or refused by the remote broker.
+    pub dropped: u64,
+    /// Sent again after a reconnect.
+    pub redelivered: u64,
+    /// Received from the remote and published locally.
+    pub received: u64,
+    /// Connection attempts that failed or connections that broke.
+    pub connection_errors: u64,
+    pub last_error: Option<String>,
+    /// When `connected` last changed, ms since the epoch.
+    pub since: Millis,
+}
+
+/// Messages taken from the bus per queue transaction, at most.
+const APPEND_BATCH: usize = 512;
+/// Acknowledged ids deleted per transaction, at most.
+const ACK_BATCH: usize = 512;
+/// Messages kept in memory while the disk refuses appends (e.g. full).
+const MAX_UNSAVED: usize = 10_000;
+/// How long a downlinked message is remembered for the loop guard.
+const ECHO_TTL: Duration = Duration::from_secs(30);
+const ECHO_MAX: usize = 4096;
+
+/// A bridge ready to run: its queue is open.
+pub struct Bridge {
+    spec: BridgeSpec,
+    queue: Queue,
+    status: watch::Sender<BridgeStatus>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("name", &self.spec.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bridge {
+    /// Opens (and if needed recovers) the bridge's queue.
+    pub fn open(spec: BridgeSpec) -> Result<Bridge, BridgeError> {
+        let (queue, recovery) =
+            Queue::open(&spec.data_dir, &spec.name, spec.limits).map_err(|source| {
+                BridgeError::Queue {
+                    bridge: spec.name.clone(),
+                    source,
+                }
+            })?;
+        let stats = queue.stats();
+        let mut initial = BridgeStatus {
+            queue_depth: stats.depth,
+            queue_bytes: stats.bytes,
+            dropped: stats.dropped,
+            since: now_ms(),
+            ..BridgeStatus::default()
+        };
+        if let Some(detail) = recovery.detail {
+            initial.last_error = Some(format!(
+                "queue file was damaged ({detail}); {} messages salvaged",
+                recovery.salvaged
+            ));
+        }
+        let (status, _) = watch::channel(initial);
+        Ok(Bridge {
+            spec,
+            queue,
+            status,
+        })
+    }
+
+    pub fn spec(&self) -> &BridgeSpec {
+        &self.spec
+    }
+
+    /// Live status (for metrics and tests).
+    pub fn status(&self) -> watch::Receiver<BridgeStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown`, or until the local link closes. Whatever is
+    /// not acknowledged stays in the queue for the next run.
+    pub async fn run<L: LocalLink>(self, local: L, shutdown: CancellationToken) {
+        use tracing::Instrument;
+        let span = tracing::info_span!("bridge", bridge = %self.spec.name);
+        Runner::new(self, local, shutdown)
+            .run()
+            .instrument(span)
+            .await
+    }
+}
+
+/// Events from the connection driver task.
+type ConnEvent = Result<RemoteEvent, RemoteError>;
+
+/// Polls the rumqttc event loop forever (see the module docs). After an
+/// error, waits for the delay from the bridge task before reconnecting.
+async fn drive(
+    mut conn: RemoteConnection,
+    events: mpsc::Sender<ConnEvent>,
+    mut resume: mpsc::Receiver<Duration>,
+    stop: CancellationToken,
+) {
+    loop {
+        let r = tokio::select! {
+            r = conn.poll() => r,
+            _ = stop.cancelled() => return,
+        };
+        let failed = r.is_err();
+        if events.send(r).await.is_err() {
+            return;
+        }
+        if failed {
+            let delay = tokio::select! {
+                d = resume.recv() => match d { Some(d) => d, None => return },
+                _ = stop.cancelled() => return,
+            };
+            conn.reset();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Remembers downlinked messages that the bridge's own forward filters
+/// will hand back to it, so they are not sent back up (loop guard).
+#[derive(Default)]
+struct EchoGuard {
+    expected: VecDeque<(Instant, String, Bytes)>,
+}
+
+impl EchoGuard {
+    fn expect(&mut self, topic: &str, payload: &Bytes) {
+        self.expire();
+        if self.expected.len() >= ECHO_MAX {
+            self.expected.pop_front();
+        }
+        self.expected
+            .push_back((Instant::now(), topic.to_string(), payload.clone()));
+    }
+
+    fn is_echo(&mut self, topic: &str, payload: &Bytes) -> bool {
+        self.expire();
+        match self
+            .expected
+            .iter()
+            .position(|(_, t, p)| t == topic && p == payload)
+        {
+            Some(i) => {
+                self.expected.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn expire(&mut self) {
+        while self
+            .expected
+            .front()
+            .is_some_and(|(at, _, _)| at.elapsed() > ECHO_TTL)
+        {
+            self.expected.pop_front();
+        }
+    }
+}
+
+struct Runner<L> {
+    spec: BridgeSpec,
+    queue: Queue,
+    status_tx: watch::Sender<BridgeStatus>,
+    status: BridgeStatus,
+    published_status: Option<BridgeStatus>,
+    local: L,
+    local_open: bool,
+    shutdown: CancellationToken,
+    sender: RemoteSender,
+    events: mpsc::Receiver<ConnEvent>,
+    resume: mpsc::Sender<Duration>,
+    driver_stop: CancellationToken,
+    driver: tokio::task::JoinHandle<()>,
+    tracker: AckTracker,
+    backoff: Backoff,
+    connected: bool,
+    /// Highest queue id handed to rumqttc on this connection.
+    cursor: i64,
+    ready: VecDeque<QueuedMessage>,
+    /// Mapped to remote topic/QoS, waiting for the next append.
+    unsaved: Vec<Message>,
+    acked: Vec<i64>,
+    echo: EchoGuard,
+    /// Messages the remote broker refused (MQTT 5 reason codes).
+    refused: u64,
+    /// With `drain_rate`: no send before this instant.
+    next_send: Instant,
+}
+
+impl<L: LocalLink> Runner<L> {
+    fn new(bridge: Bridge, local: L, shutdown: CancellationToken) -> Runner<L> {
+        let Bridge {
+            spec,
+            queue,
+            status: status_tx,
+        } = bridge;
+        let (sender, conn) = remote_client(&spec.remote);
+        let (events_tx, events) = mpsc::channel(1024);
+        let (resume, resume_rx) = mpsc::channel(1);
+        let driver_stop = CancellationToken::new();
+        let driver = tokio::spawn(drive(conn, events_tx, resume_rx, driver_stop.clone()));
+        let status = status_tx.borrow().clone();
+        let backoff = Backoff::new(spec.reconnect.min, spec.reconnect.max);
+        Runner {
+            spec,
+            queue,
+            status_tx,
+            status,
+            published_status: None,
+            local,
+            local_open: true,
+            shutdown,
+            sender,
+            events,
+            resume,
+            driver_stop,
+            driver,
+            tracker: AckTracker::new(),
+            backoff,
+            connected: false,
+            cursor: 0,
+            ready: VecDeque::new(),
+            unsaved: Vec::new(),
+            acked: Vec::new(),
+            echo: EchoGuard::default(),
+            refused: 0,
+            next_send: Instant::now(),
+        }
+    }
+
+    async fn run(mut self) {
+        tracing::info!(url = ?self.spec.remote.endpoint, depth = self.status.queue_depth,
+            "bridge starting");
+        self.publish_status(true).await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.persist();
+            self.fill_window();
+            let rate_wait = self.rate_limited();
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                ev = self.events.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => {
+                        tracing::error!("connection task ended unexpectedly");
+                        break;
+                    }
+                },
+                m = self.local.recv(), if self.local_open && self.unsaved.len() < MAX_UNSAVED => {
+                    match m {
+                        Some(m) => self.take_local(m).await,
+                        None => {
+                            tracing::info!("local bus closed");
+                            self.local_open = false;
+                            break;
+                        }
+                    }
+                }
+                _ = sleep_until(self.next_send), if rate_wait => {}
+                _ = tick.tick() => {
+                    self.expire();
+                    self.publish_status(false).await;
+                }
+            }
+        }
+        self.stop().await;
+    }
+
+    /// A message from the local bus, plus whatever else is already waiting.
+    async fn take_local(&mut self, first: Message) {
+        self.map_uplink(first);
+        while self.unsaved.len() < APPEND_BATCH {
+            // `timeout(ZERO, f)` polls `f` once: takes what is ready, never waits.
+            match tokio::time::timeout(Duration::ZERO, self.local.recv()).await {
+                Ok(Some(m)) => self.map_uplink(m),
+                Ok(None) => {
+                    self.local_open = false;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn map_uplink(&mut self, m: Message) {
+        if self.echo.is_echo(&m.topic, &m.payload) {
+            tracing::trace!(topic = %m.topic, "not forwarding a message that came from this bridge");
+            return;
+        }
+        let Some((remote_topic, qos)) = self.spec.uplink(&m.topic) else {
+            return;
+        };
+        self.unsaved.push(Message {
+            topic: remote_topic,
+            payload: m.payload,
+            qos,
+            retain: m.retain,
+        });
+    }
+
+    /// Appends waiting messages and deletes acknowledged ones.
+    fn persist(&mut self) {
+        if !self.unsaved.is_empty() {
+            let batch_len = self.unsaved.len().min(APPEND_BATCH * 4);
+            match self.queue.append(&self.unsaved[..batch_len]) {
+                Ok(_dropped) => {
+                    self.unsaved.drain(..batch_len);
+                }
+                Err(e) => self.queue_failed(e),
+            }
+        }
+        while !self.acked.is_empty() {
+            let n = self.acked.len().min(ACK_BATCH);
+            match self.queue.ack(&self.acked[..n]) {
+                Ok(()) => {
+                    self.acked.drain(..n);
+                }
+                Err(e) => {
+                    // Not deleting means sending again later: at-least-once.
+                    self.acked.clear();
+                    self.queue_failed(e);
+                    break;
+                }
+            }
+        }
+        self.sync_queue_stats();
+    }
+
+    fn queue_failed(&mut self, e: QueueError) {
+        tracing::error!(error = %e, "queue operation failed");
+        self.status.last_error = Some(e.to_string());
+        if e.is_corrupt() {
+            match Queue::open(&self.spec.data_dir, &self.spec.name, self.spec.limits) {
+                Ok((queue, recovery)) => {
+                    tracing::warn!(salvaged = recovery.salvaged, "queue reopened after damage");
+                    self.queue = queue;
+                    // Resend everything from the start of the recovered queue.
+                    self.cursor = 0;
+                    self.ready.clear();
+                }
+                Err(e) => tracing::error!(error = %e, "queue could not be reopened"),
+            }
+        }
+    }
+
+    fn sync_queue_stats(&mut self) {
+        let stats = self.queue.stats();
+        self.status.queue_depth = stats.depth;
+        self.status.queue_bytes = stats.bytes;
+        self.status.dropped = stats.dropped + self.refused;
+    }
+
+    fn rate_limited(&self) -> bool {
+        self.connected
+            && self.spec.drain_rate.is_some()
+            && self.next_send > Instant::now()
+            && !self.queue.is_empty()
+    }
+
+    /// Hands the oldest unsent messages to rumqttc, up to the window.
+    fn fill_window(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let window = self.spec.remote.max_inflight as usize;
+        while self.tracker.in_flight() < window {
+            if let Some(rate) = self.spec.drain_rate {
+                let now = Instant::now();
+                if self.next_send > now {
+                    return;
+                }
+                let step = Duration::from_secs(1) / rate.max(1);
+                // Do not bank unused time beyond one step.
+                self.next_send = self.next_send.max(now - step) + step;
+            }
+            if self.ready.is_empty() {
+                match self.queue.peek_after(self.cursor, window.max(64)) {
+                    Ok(batch) if batch.is_empty() => return,
+                    Ok(batch) => self.ready.extend(batch),
+                    Err(e) => {
+                        self.queue_failed(e);
+                        return;
+                    }
+                }
+            }
+            let Some(m) = self.ready.pop_front() else {
+                return;
+            };
+            match self
+                .sender
+                .publish(&m.topic, m.payload.clone(), m.qos, m.retain)
+            {
+                Ok(()) => {
+                    self.tracker.sent(m.id, m.qos);
+                    self.cursor = m.id;
+                }
+                Err(e) => {
+                    // Busy or closed: try again on the next round.
+                    tracing::debug!(error = %e, "remote request queue refused a publish");
+                    self.ready.push_front(m);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: ConnEvent) {
+        match ev {
+            Ok(RemoteEvent::Connected { session_present }) => {
+                self.connected = true;
+                self.backoff.connected();
+                self.status.connected = true;
+                self.status.since = now_ms();
+                self.cursor = 0;
+                self.ready.clear();
+                tracing::info!(
+                    session_present,
+                    backlog = self.queue.stats().depth,
+                    "connected to the remote broker"
+                );
+                if !session_present {
+                    if let Err(e) = self.sender.subscribe(&self.spec.remote_filters()) {
+                        tracing::warn!(error = %e, "could not queue the remote subscriptions");
+                    }
+                }
+                self.publish_status(true).await;
+            }
+            Ok(RemoteEvent::Published { pkid }) => {
+                if let Some(id) = self.tracker.on_outgoing_publish(pkid) {
+                    self.acked.push(id);
+                    self.status.forwarded += 1;
+                }
+            }
+            Ok(RemoteEvent::Acked { pkid }) => {
+                if let Some(id) = self.tracker.on_ack(pkid) {
+                    self.acked.push(id);
+                    self.status.forwarded += 1;
+                }
+            }
+            Ok(RemoteEvent::Refused { pkid, reason }) => {
+                if let Some(id) = self.tracker.on_ack(pkid) {
+                    tracing::warn!(id, reason = %reason, "remote broker refused a message; dropped");
+                    self.acked.push(id);
+                    self.refused += 1;
+                    self.status.last_error = Some(format!("remote refused a message: {reason}"));
+                }
+            }
+            Ok(RemoteEvent::Received(m)) => self.downlink(m).await,
+            Ok(RemoteEvent::Subscribed { refused }) => {
+                if refused > 0 {
+                    let e = format!("remote broker refused {refused} subscription(s)");
+                    tracing::warn!("{e}");
+                    self.status.last_error = Some(e);
+                }
+            }
+            Ok(RemoteEvent::Other) => {}
+            Err(e) => self.disconnected(e).await,
+        }
+    }
+
+    async fn disconnected(&mut self, e: RemoteError) {
+        let was_connected = self.connected;
+        self.connected = false;
+        self.backoff.disconnected();
+        let unacked = self.tracker.reset();
+        self.status.redelivered += unacked.len() as u64;
+        self.ready.clear();
+        self.cursor = 0;
+        self.status.connection_errors += 1;
+        self.status.last_error = Some(e.to_string());
+        let delay = self.backoff.next_delay();
+        if was_connected {
+            self.status.connected = false;
+            self.status.since = now_ms();
+            tracing::warn!(error = %e, unacked = unacked.len(), retry_in = ?delay,
+                "connection to the remote broker lost");
+            self.publish_status(true).await;
+        } else {
+            tracing::debug!(error = %e, attempt = self.backoff.attempt(), retry_in = ?delay,
+                "cannot connect to the remote broker");
+            if self.backoff.attempt() == 1 || self.backoff.attempt() % 10 == 0 {
+                tracing::warn!(error = %e, attempt = self.backoff.attempt(), retry_in = ?delay,
+                    "cannot connect to the remote broker");
+            }
+        }
+        // The driver clears rumqttc's state only now that the tracker is
+        // reset, then waits `delay` and reconnects.
+        let _ = self.resume.send(delay).await;
+    }
+
+    async fn downlink(&mut self, m: Message) {
+        let Some(local_topic) = self.spec.downlink(&m.topic) else {
+            tracing::debug!(topic = %m.topic, "remote message matches no subscribe route");
+            return;
+        };
+        if self.spec.uplink(&local_topic).is_some() {
+            self.echo.expect(&local_topic, &m.payload);
+        }
+        let local = Message {
+            topic: local_topic,
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
+        };
+        match self.local.publish(local).await {
+            Ok(()) => self.status.received += 1,
+            Err(e) => tracing::warn!(error = %e, "could not publish a downlink message locally"),
+        }
+    }
+
+    fn expire(&mut self) {
+        match self.queue.expire() {
+            Ok(n) if n > 0 => {
+                // Expired rows may have been in `ready`; peeking again skips them.
+                self.ready.clear();
+            }
+            Ok(_) => {}
+            Err(e) => self.queue_failed(e),
+        }
+        self.sync_queue_stats();
+    }
+
+    /// Publishes the retained status when it changed (or `force`).
+    async fn publish_status(&mut self, force: bool) {
+        self.sync_queue_stats();
+        self.status_tx.send_replace(self.status.clone());
+        if !force && self.published_status.as_ref() == Some(&self.status) {
+            return;
+        }
+        let payload = match serde_json::to_vec(&self.status) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode bridge status");
+                return;
+            }
+        };
+        let m = Message {
+            topic: self.spec.status_topic.clone(),
+            payload: Bytes::from(payload),
+            qos: Qos::AtMostOnce,
+            retain: true,
+        };
+        match self.local.publish(m).await {
+            Ok(()) => self.published_status = Some(self.status.clone()),
+            Err(e) => tracing::debug!(error = %e, "could not publish bridge status"),
+        }
+    }
+
+    /// Saves what is waiting, says goodbye to the remote broker (briefly),
+    /// and stops the connection task.
+    async fn stop(mut self) {
+        self.persist();
+        if self.connected {
+            let _ = self.sender.disconnect();
+            // Let the driver write the DISCONNECT; acks that arrive
+            // meanwhile are still recorded.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+                match ev {
+                    Ok(RemoteEvent::Published { pkid }) => {
+                        if let Some(id) = self.tracker.on_outgoing_publish(pkid) {
+                            self.acked.push(id);
+                        }
+                    }
+                    Ok(RemoteEvent::Acked { pkid }) => {
+                        if let Some(id) = self.tracker.on_ack(pkid) {
+                            self.acked.push(id);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            self.persist();
+        }
+        self.driver_stop.cancel();
+        let _ = (&mut self.driver).await;
+        self.status.connected = false;
+        self.status.since = now_ms();
+        self.publish_status(true).await;
+        tracing::info!(depth = self.status.queue_depth, "bridge stopped");
+    }
+}
