@@ -108,9 +108,10 @@ impl Bus {
         tokio::time::sleep(rest.min(Duration::from_millis(100))).await;
     }
 
-    /// A new client of the bus that receives messages on `filters`. It
-    /// does not receive what it publishes itself (no-local), which is how
-    /// a bridge avoids echoing downlink messages back to the cloud.
+    /// A new client of the bus that receives messages on `filters`. Its
+    /// filters ask for no-local, but rumqttd 0.20 ignores that (and an
+    /// external MQTT 3.1.1 broker has none): a client does receive what it
+    /// publishes itself. The bridge's loop guard deals with it.
     pub async fn subscribe(
         &self,
         client_id: &str,
@@ -193,47 +194,130 @@ enum SubInner {
         client: rumqttc::AsyncClient,
         rx: mpsc::Receiver<Message>,
     },
+    /// Halves made by [`Subscription::split`].
+    RxOnly(LinkRx),
+    TxOnly(LinkTx),
+    ExternalTx(rumqttc::AsyncClient),
+    Closed,
+}
+
+/// The next forwarded message on an embedded-broker link.
+async fn link_recv(rx: &mut LinkRx) -> Option<Message> {
+    loop {
+        match rx.next().await {
+            Ok(Some(Notification::Forward(f))) => {
+                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                return Some(Message {
+                    topic,
+                    payload: f.publish.payload,
+                    qos: Qos::AtMostOnce,
+                    retain: f.publish.retain,
+                });
+            }
+            // The router paused us because our buffer was full;
+            // ask for more now that we are reading again.
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    return None;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The receiving half of a [`Subscription`].
+pub struct SubscriptionRx {
+    inner: Subscription,
+}
+
+impl SubscriptionRx {
+    /// The next message; `None` when the bus is gone.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.inner.recv().await
+    }
+}
+
+/// The publishing half of a [`Subscription`].
+pub struct SubscriptionTx {
+    inner: Subscription,
+}
+
+impl SubscriptionTx {
+    /// Publishes from this client.
+    pub async fn publish(&mut self, msg: Message) -> Result<(), BusError> {
+        self.inner.publish(msg).await
+    }
 }
 
 impl Subscription {
     /// The next message; `None` when the bus is gone.
     pub async fn recv(&mut self) -> Option<Message> {
         match &mut self.inner {
-            SubInner::Link { rx, .. } => loop {
-                match rx.next().await {
-                    Ok(Some(Notification::Forward(f))) => {
-                        let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                        return Some(Message {
-                            topic,
-                            payload: f.publish.payload,
-                            qos: Qos::AtMostOnce,
-                            retain: f.publish.retain,
-                        });
-                    }
-                    // The router paused us because our buffer was full;
-                    // ask for more now that we are reading again.
-                    Ok(Some(Notification::Unschedule)) => {
-                        if rx.wake().await.is_err() {
-                            return None;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
-            },
+            SubInner::Link { rx, .. } => link_recv(rx).await,
             SubInner::External { rx, .. } => rx.recv().await,
+            SubInner::RxOnly(rx) => link_recv(rx).await,
+            SubInner::TxOnly(_) | SubInner::ExternalTx(_) | SubInner::Closed => None,
         }
     }
 
-    /// Publishes from this client (it will not receive it back).
+    /// Splits into a receiving and a publishing half of the same client,
+    /// so that one task can wait in `recv` while another publishes. Waiting in `recv` must
+    /// not be cancelled half-way on the embedded broker (a cancelled wake-up
+    /// would leave the link paused), so give the receiving half a task of
+    /// its own rather than a branch in a `select!`.
+    pub fn split(self) -> (SubscriptionRx, SubscriptionTx) {
+        match self.inner {
+            SubInner::Link { tx, rx } => (
+                SubscriptionRx {
+                    inner: Subscription {
+                        inner: SubInner::RxOnly(rx),
+                    },
+                },
+                SubscriptionTx {
+                    inner: Subscription {
+                        inner: SubInner::TxOnly(tx),
+                    },
+                },
+            ),
+            SubInner::External { client, rx } => (
+                SubscriptionRx {
+                    inner: Subscription {
+                        inner: SubInner::External {
+                            client: client.clone(),
+                            rx,
+                        },
+                    },
+                },
+                SubscriptionTx {
+                    inner: Subscription {
+                        inner: SubInner::ExternalTx(client),
+                    },
+                },
+            ),
+            other => (
+                SubscriptionRx {
+                    inner: Subscription { inner: other },
+                },
+                SubscriptionTx {
+                    inner: Subscription {
+                        inner: SubInner::Closed,
+                    },
+                },
+            ),
+        }
+    }
+
+    /// Publishes from this client.
     pub async fn publish(&mut self, msg: Message) -> Result<(), BusError> {
         match &mut self.inner {
-            SubInner::Link { tx, .. } => tx
+            SubInner::Link { tx, .. } | SubInner::TxOnly(tx) => tx
                 .send(to_packet(msg))
                 .await
                 .map(|_| ())
                 .map_err(|e| BusError::Link(e.to_string())),
-            SubInner::External { client, .. } => client
+            SubInner::External { client, .. } | SubInner::ExternalTx(client) => client
                 .publish(
                     msg.topic,
                     external::qos(msg.qos),
@@ -242,6 +326,7 @@ impl Subscription {
                 )
                 .await
                 .map_err(|e| BusError::External(e.to_string())),
+            SubInner::RxOnly(_) | SubInner::Closed => Err(BusError::Closed),
         }
     }
 }

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bridge::{self, RunningBridge, StartError};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bus::{Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
@@ -31,6 +32,8 @@ pub enum GatewayError {
     Rules(#[from] RuleErrors),
     #[error("cannot start the rules thread: {0}")]
     RulesThread(std::io::Error),
+    #[error(transparent)]
+    Bridge(#[from] StartError),
 }
 
 /// A running gateway.
@@ -44,6 +47,10 @@ pub struct Gateway {
     tasks: TaskTracker,
     pipeline: JoinHandle<()>,
     rules: Option<Arc<RulesRuntime>>,
+    bridges: Vec<RunningBridge>,
+    /// Bridges stop after the pipeline drained, so its last messages are
+    /// queued.
+    bridge_shutdown: CancellationToken,
 }
 
 impl Gateway {
@@ -76,6 +83,10 @@ impl Gateway {
         let status = Status::new(&id, bus.clone());
         status.gateway(true).await;
 
+        // Bridges subscribe before any driver runs, so no reading is missed.
+        let bridge_shutdown = CancellationToken::new();
+        let bridges = bridge::start_all(&config, &bus, &bridge_shutdown).await?;
+
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (readings_tx, readings_rx) = mpsc::channel(pipeline::READING_QUEUE);
@@ -92,6 +103,7 @@ impl Gateway {
             Ok(d) => d,
             Err(e) => {
                 shutdown.cancel();
+                bridge_shutdown.cancel();
                 return Err(e.into());
             }
         };
@@ -109,6 +121,7 @@ impl Gateway {
                 .await
                 .map_err(|e| {
                     shutdown.cancel();
+                    bridge_shutdown.cancel();
                     GatewayError::RulesThread(e)
                 })?,
             ),
@@ -132,6 +145,8 @@ impl Gateway {
             tasks,
             pipeline,
             rules,
+            bridges,
+            bridge_shutdown,
         })
     }
 
@@ -166,6 +181,11 @@ impl Gateway {
         &self.status
     }
 
+    /// The running cloud bridges, with their live status.
+    pub fn bridges(&self) -> &[RunningBridge] {
+        &self.bridges
+    }
+
     /// Listener addresses as bound (port 0 resolved), in config order.
     pub fn listeners(&self) -> Vec<(SocketAddr, ListenerProtocol)> {
         self.broker
@@ -197,6 +217,20 @@ impl Gateway {
         let _ = tokio::time::timeout(Duration::from_millis(300), self.pipeline).await;
         if let Some(r) = &self.rules {
             r.shutdown(Duration::from_millis(500)).await;
+        }
+        if !self.bridges.is_empty() {
+            // Let the pipeline's last messages reach the bridges, then stop
+            // them: they queue what they got and say goodbye to the cloud.
+            self.bus.flush(Duration::from_millis(200)).await;
+            self.bridge_shutdown.cancel();
+            for b in self.bridges {
+                if tokio::time::timeout(Duration::from_secs(2), b.task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(bridge = %b.name, "bridge did not stop within 2s");
+                }
+            }
         }
         self.status.gateway(false).await;
         self.bus.flush(Duration::from_millis(300)).await;

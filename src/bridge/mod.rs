@@ -6,9 +6,11 @@
 //!   (URL, TLS, protocol 3.1.1/5, session, will), reconnect backoff, and
 //!   the packet-id to acknowledgement tracking that rumqttc does not do.
 
+mod local;
 pub mod mqtt;
 pub mod queue;
 mod task;
 pub mod topic;
 
+pub use local::{start_all, BusLink, RunningBridge, StartError};
 pub use task::{status_topic, Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};

@@ -61,6 +61,11 @@ pub trait LocalLink: Send {
     fn recv(&mut self) -> impl Future<Output = Option<Message>> + Send;
     /// Publishes on the local bus.
     fn publish(&mut self, message: Message) -> impl Future<Output = Result<(), String>> + Send;
+    /// Whether `recv` also yields what this link published itself. Then the
+    /// bridge remembers each downlinked message for a few seconds and does
+    /// not forward it when it comes back (the loop guard); without echo
+    /// (no-local) nothing is needed.
+    fn echoes_own_publishes(&self) -> bool;
 }
 
 /// Errors that stop a bridge from starting.
@@ -177,7 +182,7 @@ const ACK_BATCH: usize = 512;
 /// Messages kept in memory while the disk refuses appends (e.g. full).
 const MAX_UNSAVED: usize = 10_000;
 /// How long a downlinked message is remembered for the loop guard.
-const ECHO_TTL: Duration = Duration::from_secs(30);
+const ECHO_TTL: Duration = Duration::from_secs(10);
 const ECHO_MAX: usize = 4096;
 
 /// A bridge ready to run: its queue is open.
@@ -663,7 +668,7 @@ impl<L: LocalLink> Runner<L> {
             tracing::debug!(topic = %m.topic, "remote message matches no subscribe route");
             return;
         };
-        if self.spec.uplink(&local_topic).is_some() {
+        if self.local.echoes_own_publishes() && self.spec.uplink(&local_topic).is_some() {
             self.echo.expect(&local_topic, &m.payload);
         }
         let local = Message {
@@ -719,6 +724,13 @@ impl<L: LocalLink> Runner<L> {
     /// Saves what is waiting, says goodbye to the remote broker (briefly),
     /// and stops the connection task.
     async fn stop(mut self) {
+        // Take what already reached the bridge's link, without waiting.
+        while self.local_open && self.unsaved.len() < MAX_UNSAVED {
+            match tokio::time::timeout(Duration::ZERO, self.local.recv()).await {
+                Ok(Some(m)) => self.map_uplink(m),
+                _ => break,
+            }
+        }
         self.persist();
         if self.connected {
             let _ = self.sender.disconnect();

@@ -43,6 +43,10 @@ impl LocalLink for TestLink {
         }
         self.out.send(m).map_err(|e| e.to_string())
     }
+
+    fn echoes_own_publishes(&self) -> bool {
+        self.loopback.is_some()
+    }
 }
 
 struct Running {
@@ -473,4 +477,197 @@ async fn reconnect_storm_stays_within_the_backoff_schedule() {
     let s = b.stop().await;
     drop(s);
     acceptor.abort();
+}
+
+// ------------------------------------------------ through the real gateway
+
+/// A gateway config: embedded broker on port `port` (0: any), the given
+/// data dir, and `rest` (devices, mappings, bridges).
+fn gateway_yaml(data: &Path, port: u16, rest: &str) -> String {
+    format!(
+        "gateway: {{ id: gw-it, data_dir: {} }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n{rest}",
+        data.display()
+    )
+}
+
+const PV: &str = "devices:
+  - name: demo-pv
+    driver: simulator
+    poll: 200ms
+    points:
+      - { name: power, wave: constant, value: 2500, unit: W }
+mappings:
+  - { match: demo-pv/power, topic: PV/data, qos: 1 }
+";
+
+/// Simulator -> mapping -> embedded broker -> bridge -> Mosquitto, and a
+/// cloud command -> Mosquitto -> bridge -> embedded broker -> LAN client;
+/// the bridge's retained status on the local broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn gateway_bridges_readings_up_and_commands_down() {
+    let m = Mosquitto::start(Security::Plain);
+    let (remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", true).await;
+    let data = data_dir();
+    let yaml = gateway_yaml(
+        data.path(),
+        0,
+        &format!(
+            "{PV}bridges:\n  - name: cloud\n    url: {}\n    \
+             forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/gw-it/\", qos: 1 }} ]\n    \
+             subscribe: [ {{ topics: \"cmd/#\", remote_prefix: \"site/gw-it/\", qos: 1 }} ]\n",
+            m.url()
+        ),
+    );
+    let gw = crate::support::start(&yaml).await;
+    let mut lan = crate::support::Client::connect(
+        crate::support::mqtt_addr(&gw),
+        "it-lan",
+        &["cmd/#", "edgebridge/gw-it/bridges/cloud/status"],
+    )
+    .await;
+    let (topic, payload) = next_remote(&mut seen).await;
+    assert_eq!(topic, "site/gw-it/PV/data");
+    assert_eq!(payload, Bytes::from("2500"));
+
+    let status = lan
+        .expect_where(WAIT, |g| {
+            g.topic == "edgebridge/gw-it/bridges/cloud/status"
+                && g.payload.contains("\"connected\":true")
+        })
+        .await
+        .expect("a connected status");
+    assert!(status.retain);
+
+    // Retained, so it does not matter when the bridge's SUBSCRIBE lands.
+    remote
+        .publish("site/gw-it/cmd/led", QoS::AtLeastOnce, true, "on")
+        .await
+        .unwrap();
+    let cmd = lan.expect("cmd/led", WAIT).await;
+    assert_eq!(cmd.payload, "on");
+    gw.shutdown().await;
+}
+
+/// On the embedded broker the bridge's bus client does not get its own
+/// downlink publishes back (no-local): a cloud command is not echoed up
+/// although the forward filter matches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn gateway_does_not_echo_cloud_commands_back() {
+    let m = Mosquitto::start(Security::Plain);
+    let (remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", true).await;
+    let data = data_dir();
+    let yaml = gateway_yaml(
+        data.path(),
+        0,
+        &format!(
+            "bridges:\n  - name: cloud\n    url: {}\n    \
+             forward: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 1 }} ]\n    \
+             subscribe: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+            m.url()
+        ),
+    );
+    let gw = crate::support::start(&yaml).await;
+    let mut lan =
+        crate::support::Client::connect(crate::support::mqtt_addr(&gw), "it-lan", &["cmd/#"]).await;
+    remote
+        .publish("site/cmd/probe", QoS::AtLeastOnce, true, "p")
+        .await
+        .unwrap();
+    assert_eq!(next_remote(&mut seen).await.0, "site/cmd/probe");
+    lan.expect("cmd/probe", WAIT).await;
+    remote
+        .publish("site/cmd/led", QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    assert_eq!(next_remote(&mut seen).await.0, "site/cmd/led");
+    lan.expect("cmd/led", WAIT).await;
+    // A LAN client's own command goes up; an echo would have come first.
+    lan.client
+        .publish("cmd/marker", QoS::AtLeastOnce, false, "m")
+        .await
+        .unwrap();
+    assert_eq!(next_remote(&mut seen).await.0, "site/cmd/marker");
+    gw.shutdown().await;
+}
+
+/// During an outage, messages are queued; the real binary is killed with
+/// SIGKILL, then the binary and the cloud broker come back: every queued
+/// message arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn kill_9_during_an_outage_loses_nothing_queued() {
+    let mut m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", false).await;
+    m.stop();
+    let dir = data_dir();
+    let port = crate::support::free_port();
+    let yaml = gateway_yaml(
+        Path::new("./data"),
+        port,
+        &format!(
+            "bridges:\n  - name: cloud\n    url: {}\n    reconnect: {{ min: 100ms, max: 500ms }}\n    \
+             forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+            m.url()
+        ),
+    );
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let mut bin = crate::support::Binary::spawn(&["run"], dir.path());
+    crate::support::wait_port(addr, WAIT).await;
+    let mut lan =
+        crate::support::Client::connect(addr, "it-lan", &["edgebridge/gw-it/bridges/cloud/status"])
+            .await;
+    // The bridge's first status says it is subscribed on the local bus.
+    lan.expect("edgebridge/gw-it/bridges/cloud/status", WAIT)
+        .await;
+    const N: usize = 2_000;
+    for i in 0..N {
+        lan.client
+            .publish("PV/seq", QoS::AtLeastOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    // The bridge reports its queue depth on its status topic.
+    let depth = format!("\"queue_depth\":{N},");
+    if lan
+        .expect_where(WAIT * 2, |g| g.payload.contains(&depth))
+        .await
+        .is_none()
+    {
+        let statuses = lan.drain_where(Duration::ZERO, |_| true).await;
+        panic!(
+            "never queued {N}; last status {:?}; gateway log:\n{}",
+            statuses.last(),
+            bin.stderr()
+        );
+    }
+    drop(lan);
+    bin.signal("KILL");
+    let _ = bin.child.wait();
+
+    m.restart();
+    let bin2 = crate::support::Binary::spawn(&["run"], dir.path());
+    let mut got = Vec::with_capacity(N);
+    let mut set = std::collections::HashSet::new();
+    while set.len() < N {
+        let (_, p) = tokio::time::timeout(WAIT * 2, seen.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {N} arrived; gateway log:\n{}",
+                    set.len(),
+                    bin2.stderr()
+                )
+            })
+            .unwrap();
+        let i: usize = std::str::from_utf8(&p).unwrap().parse().unwrap();
+        if set.insert(i) {
+            got.push(i);
+        }
+    }
+    assert!(got.iter().copied().eq(0..N), "not in order");
+    drop(bin2);
 }

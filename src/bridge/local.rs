@@ -1,0 +1,119 @@
+//! The bridges on the gateway's bus: one bus client per bridge, subscribed
+//! to its `forward` filters, and the startup of all configured bridges.
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::task::{Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};
+use crate::bus::{Bus, BusError, SubscriptionTx};
+use crate::config::Config;
+use crate::model::Message;
+
+/// Messages between the bus client's receiving task and the bridge.
+const LINK_QUEUE: usize = 4096;
+
+/// A bridge's client on the local bus. The receiving half runs in a task of
+/// its own (see [`crate::bus::Subscription::split`]) and hands messages over
+/// a channel, which the bridge can wait on in `select!` safely.
+pub struct BusLink {
+    rx: mpsc::Receiver<Message>,
+    tx: SubscriptionTx,
+    pump: JoinHandle<()>,
+}
+
+impl BusLink {
+    /// Subscribes bus client `client_id` to `filters`.
+    pub async fn new(
+        bus: &Bus,
+        client_id: &str,
+        filters: &[(String, crate::model::Qos)],
+    ) -> Result<BusLink, BusError> {
+        let sub = bus.subscribe(client_id, filters).await?;
+        let (mut sub_rx, tx) = sub.split();
+        let (fwd, rx) = mpsc::channel(LINK_QUEUE);
+        let pump = tokio::spawn(async move {
+            while let Some(m) = sub_rx.recv().await {
+                if fwd.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(BusLink { rx, tx, pump })
+    }
+}
+
+impl Drop for BusLink {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+impl LocalLink for BusLink {
+    async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    async fn publish(&mut self, message: Message) -> Result<(), String> {
+        self.tx.publish(message).await.map_err(|e| e.to_string())
+    }
+
+    /// rumqttd 0.20 ignores no-local, and MQTT 3.1.1 (an external bus)
+    /// has none: the bridge gets its own downlink publishes back.
+    fn echoes_own_publishes(&self) -> bool {
+        true
+    }
+}
+
+/// A bridge started by [`start_all`].
+pub struct RunningBridge {
+    pub name: String,
+    pub status: watch::Receiver<BridgeStatus>,
+    pub task: JoinHandle<()>,
+}
+
+/// Errors starting the configured bridges.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error("bridge `{bridge}`: {source}")]
+    Bus { bridge: String, source: BusError },
+    #[error("bridge `{0}`: OneNET bridges are not implemented in this build")]
+    OneNetNotImplemented(String),
+}
+
+/// Opens the queues and starts every generic MQTT bridge of `config`,
+/// subscribed on `bus` before this returns (so nothing published after it
+/// is missed). They stop when `shutdown` is cancelled, keeping whatever is
+/// unacknowledged in their queues.
+pub async fn start_all(
+    config: &Config,
+    bus: &Bus,
+    shutdown: &CancellationToken,
+) -> Result<Vec<RunningBridge>, StartError> {
+    // Open everything first, so a bad certificate in the second bridge does
+    // not leave the first one running.
+    let mut bridges = Vec::new();
+    for b in &config.bridges {
+        if b.onenet.is_some() {
+            return Err(StartError::OneNetNotImplemented(b.name.clone()));
+        }
+        bridges.push(Bridge::open(BridgeSpec::from_config(b, config)?)?);
+    }
+    let mut running = Vec::new();
+    for bridge in bridges {
+        let name = bridge.spec().name.clone();
+        let client_id = format!("edgebridge-bridge-{name}");
+        let link = BusLink::new(bus, &client_id, &bridge.spec().local_filters())
+            .await
+            .map_err(|source| StartError::Bus {
+                bridge: name.clone(),
+                source,
+            })?;
+        let status = bridge.status();
+        let task = tokio::spawn(bridge.run(link, shutdown.clone()));
+        running.push(RunningBridge { name, status, task });
+    }
+    Ok(running)
+}
