@@ -147,6 +147,12 @@ impl BridgeSpec {
     }
 }
 
+/// The size of the PUBLISH packet for `m`, at most (fixed header, topic,
+/// packet id, MQTT 5 properties length).
+fn packet_size(m: &QueuedMessage) -> usize {
+    5 + 2 + m.topic.len() + 2 + 1 + m.payload.len()
+}
+
 /// `edgebridge/<gateway>/bridges/<bridge>/status`.
 pub fn status_topic(gateway_id: &str, bridge: &str) -> String {
     format!("edgebridge/{gateway_id}/bridges/{bridge}/status")
@@ -478,8 +484,12 @@ impl<L: LocalLink> Runner<L> {
         if !self.unsaved.is_empty() {
             let batch_len = self.unsaved.len().min(APPEND_BATCH * 4);
             match self.queue.append(&self.unsaved[..batch_len]) {
-                Ok(_dropped) => {
+                Ok(dropped) => {
                     self.unsaved.drain(..batch_len);
+                    if dropped > 0 {
+                        // Some of the peeked messages may be gone now.
+                        self.ready.clear();
+                    }
                 }
                 Err(e) => self.queue_failed(e),
             }
@@ -561,6 +571,22 @@ impl<L: LocalLink> Runner<L> {
             let Some(m) = self.ready.pop_front() else {
                 return;
             };
+            if packet_size(&m) > self.spec.remote.max_packet_size {
+                // rumqttc would fail the whole connection on it, again
+                // after every reconnect: drop it instead, loudly.
+                tracing::warn!(id = m.id, topic = %m.topic, bytes = m.payload.len(),
+                    max_packet_size = self.spec.remote.max_packet_size,
+                    "message larger than max_packet_size dropped");
+                self.status.last_error = Some(format!(
+                    "a {}-byte message on {} exceeds max_packet_size and was dropped",
+                    m.payload.len(),
+                    m.topic
+                ));
+                self.refused += 1;
+                self.acked.push(m.id);
+                self.cursor = m.id;
+                continue;
+            }
             match self
                 .sender
                 .publish(&m.topic, m.payload.clone(), m.qos, m.retain)

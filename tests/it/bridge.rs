@@ -671,3 +671,29 @@ async fn kill_9_during_an_outage_loses_nothing_queued() {
     assert!(got.iter().copied().eq(0..N), "not in order");
     drop(bin2);
 }
+
+/// A message larger than `max_packet_size` would fail the connection on
+/// every attempt; it is dropped and counted, and what follows still flows.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn an_oversized_message_does_not_block_the_queue() {
+    let m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", true).await;
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    max_packet_size: 1KiB\n    \
+         forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        m.url()
+    );
+    let mut b = start_bridge(&yaml, data_dir(), None);
+    b.wait_status("connected", |s| s.connected).await;
+    b.publish("PV/big", vec![b'x'; 4096]).await;
+    b.publish("PV/small", "ok").await;
+    let (topic, _) = next_remote(&mut seen).await;
+    assert_eq!(topic, "site/PV/small");
+    let s = b
+        .wait_status("counted", |s| s.dropped == 1 && s.queue_depth == 0)
+        .await;
+    assert!(s.connected, "the connection survived");
+    assert!(s.last_error.unwrap().contains("max_packet_size"));
+    b.stop().await;
+}
