@@ -697,3 +697,77 @@ async fn an_oversized_message_does_not_block_the_queue() {
     assert!(s.last_error.unwrap().contains("max_packet_size"));
     b.stop().await;
 }
+
+/// A bridge over mutual TLS forwards; one trusting the wrong CA says why it
+/// cannot connect in its status.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn bridge_over_mutual_tls_and_a_clear_error_with_the_wrong_ca() {
+    let m = Mosquitto::start(Security::MutualTls);
+    let c = m.certs().unwrap().clone();
+    // The test subscriber needs TLS too; use the bridge's own client types.
+    let mut sub_opts = options(
+        &m.url(),
+        Some(tls(&c.ca, Some((&c.client_cert, &c.client_key)))),
+    );
+    sub_opts.client_id = "it-cloud-app".into();
+    let (sender, mut conn) = remote_client(&sub_opts);
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = conn.poll().await {
+            match ev {
+                RemoteEvent::Connected { .. } => {
+                    let _ =
+                        sender.subscribe(&[("site/#".into(), edgebridge::model::Qos::AtLeastOnce)]);
+                }
+                RemoteEvent::Subscribed { .. } => {
+                    let _ = tx.send(None);
+                }
+                RemoteEvent::Received(msg) => {
+                    let _ = tx.send(Some(msg));
+                }
+                _ => {}
+            }
+        }
+    });
+    assert!(tokio::time::timeout(WAIT, seen.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .is_none());
+    let yaml = |ca: &Path| {
+        format!(
+            "  - name: cloud\n    url: {}\n    tls: {{ ca: {}, cert: {}, key: {} }}\n    \
+             forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+            m.url(),
+            ca.display(),
+            c.client_cert.display(),
+            c.client_key.display()
+        )
+    };
+    let mut b = start_bridge(&yaml(&c.ca), data_dir(), None);
+    b.wait_status("connected", |s| s.connected).await;
+    b.publish("PV/data", "2.5").await;
+    let got = tokio::time::timeout(WAIT, seen.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (got.topic.as_str(), got.payload.as_ref()),
+        ("site/PV/data", &b"2.5"[..])
+    );
+    b.stop().await;
+
+    let mut wrong = start_bridge(&yaml(&c.wrong_ca), data_dir(), None);
+    let s = wrong
+        .wait_status("an error", |s| s.last_error.is_some())
+        .await;
+    let e = s.last_error.unwrap();
+    assert!(
+        e.contains("invalid peer certificate") && e.contains("check `tls.ca`"),
+        "{e}"
+    );
+    assert!(!s.connected);
+    wrong.stop().await;
+}

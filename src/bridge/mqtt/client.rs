@@ -115,7 +115,7 @@ impl RemoteConnection {
                 let event = eventloop
                     .poll()
                     .await
-                    .map_err(|e| RemoteError::Connection(e.to_string()))?;
+                    .map_err(|e| connection_error(e.to_string()))?;
                 Ok(match event {
                     Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
                         session_present: c.session_present,
@@ -148,7 +148,7 @@ impl RemoteConnection {
                 let event = eventloop
                     .poll()
                     .await
-                    .map_err(|e| RemoteError::Connection(e.to_string()))?;
+                    .map_err(|e| connection_error(e.to_string()))?;
                 Ok(match event {
                     Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
                         session_present: c.session_present,
@@ -262,6 +262,20 @@ impl RemoteSender {
             Client::V5(client) => client.try_disconnect().map_err(client_error),
         }
     }
+}
+
+/// rumqttc's text, with a hint where the fix is in the config.
+fn connection_error(text: String) -> RemoteError {
+    let hint = if text.contains("UnknownIssuer") {
+        " (the broker's certificate is not signed by a CA we trust: check `tls.ca`)"
+    } else if text.contains("NotValidForName") {
+        " (the broker's certificate is not for this host name: check `url`)"
+    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
+        " (the broker wants a client certificate: set `tls.cert` and `tls.key`)"
+    } else {
+        ""
+    };
+    RemoteError::Connection(format!("{text}{hint}"))
 }
 
 fn client_error<E: std::fmt::Display>(e: E) -> RemoteError {
