@@ -293,6 +293,32 @@ async fn drive(
     }
 }
 
+/// Spaces sends to at most `rate` per second. Unused time is not banked,
+/// so a quiet minute does not allow a burst afterwards.
+#[derive(Debug)]
+struct Pacer {
+    step: Duration,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u32, now: Instant) -> Pacer {
+        Pacer {
+            step: Duration::from_secs(1) / rate.max(1),
+            next: now,
+        }
+    }
+
+    /// May one message go now? If so, the next one may go one step later.
+    fn take(&mut self, now: Instant) -> bool {
+        if self.next > now {
+            return false;
+        }
+        self.next = self.next.max(now) + self.step;
+        true
+    }
+}
+
 /// Remembers downlinked messages that the bridge's own forward filters
 /// will hand back to it, so they are not sent back up (loop guard).
 #[derive(Default)]
@@ -362,8 +388,8 @@ struct Runner<L> {
     echo: EchoGuard,
     /// Messages the remote broker refused (MQTT 5 reason codes).
     refused: u64,
-    /// With `drain_rate`: no send before this instant.
-    next_send: Instant,
+    /// With `drain_rate`: spaces the sends.
+    pacer: Option<Pacer>,
 }
 
 impl<L: LocalLink> Runner<L> {
@@ -380,6 +406,7 @@ impl<L: LocalLink> Runner<L> {
         let driver = tokio::spawn(drive(conn, events_tx, resume_rx, driver_stop.clone()));
         let status = status_tx.borrow().clone();
         let backoff = Backoff::new(spec.reconnect.min, spec.reconnect.max);
+        let spec_pacer = spec.drain_rate.map(|r| Pacer::new(r, Instant::now()));
         Runner {
             spec,
             queue,
@@ -403,7 +430,7 @@ impl<L: LocalLink> Runner<L> {
             acked: Vec::new(),
             echo: EchoGuard::default(),
             refused: 0,
-            next_send: Instant::now(),
+            pacer: spec_pacer,
         }
     }
 
@@ -417,11 +444,22 @@ impl<L: LocalLink> Runner<L> {
             self.persist();
             self.fill_window();
             let rate_wait = self.rate_limited();
+            // Not `biased`: a steady stream of acks during a drain must not
+            // starve the local bus (live data keeps being queued).
             tokio::select! {
-                biased;
                 _ = self.shutdown.cancelled() => break,
                 ev = self.events.recv() => match ev {
-                    Some(ev) => self.on_event(ev).await,
+                    Some(ev) => {
+                        self.on_event(ev).await;
+                        // Take the events that are already waiting too, so a
+                        // batch of acks becomes one delete transaction.
+                        for _ in 0..ACK_BATCH {
+                            match self.events.try_recv() {
+                                Ok(ev) => self.on_event(ev).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => {
                         tracing::error!("connection task ended unexpectedly");
                         break;
@@ -437,7 +475,7 @@ impl<L: LocalLink> Runner<L> {
                         }
                     }
                 }
-                _ = sleep_until(self.next_send), if rate_wait => {}
+                _ = sleep_until(self.pacer.as_ref().map_or_else(Instant::now, |p| p.next)), if rate_wait => {}
                 _ = tick.tick() => {
                     self.expire();
                     self.publish_status(false).await;
@@ -535,11 +573,11 @@ impl<L: LocalLink> Runner<L> {
         self.status.dropped = stats.dropped + self.refused;
     }
 
+    /// Waiting for the pacer with something to send.
     fn rate_limited(&self) -> bool {
         self.connected
-            && self.spec.drain_rate.is_some()
-            && self.next_send > Instant::now()
             && !self.queue.is_empty()
+            && self.pacer.as_ref().is_some_and(|p| p.next > Instant::now())
     }
 
     /// Hands the oldest unsent messages to rumqttc, up to the window.
@@ -549,14 +587,10 @@ impl<L: LocalLink> Runner<L> {
         }
         let window = self.spec.remote.max_inflight as usize;
         while self.tracker.in_flight() < window {
-            if let Some(rate) = self.spec.drain_rate {
-                let now = Instant::now();
-                if self.next_send > now {
+            if let Some(pacer) = &mut self.pacer {
+                if !pacer.take(Instant::now()) {
                     return;
                 }
-                let step = Duration::from_secs(1) / rate.max(1);
-                // Do not bank unused time beyond one step.
-                self.next_send = self.next_send.max(now - step) + step;
             }
             if self.ready.is_empty() {
                 match self.queue.peek_after(self.cursor, window.max(64)) {
@@ -787,5 +821,63 @@ impl<L: LocalLink> Runner<L> {
         self.status.since = now_ms();
         self.publish_status(true).await;
         tracing::info!(depth = self.status.queue_depth, "bridge stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_spaces_sends_and_banks_no_burst() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(10, t0);
+        assert!(p.take(t0));
+        assert!(!p.take(t0), "one step (100ms) must pass");
+        assert!(!p.take(t0 + Duration::from_millis(99)));
+        assert!(p.take(t0 + Duration::from_millis(100)));
+        // After a long pause: one send now, then one per step again.
+        let later = t0 + Duration::from_secs(60);
+        assert!(p.take(later));
+        assert!(!p.take(later), "quiet time is not banked");
+        assert!(p.take(later + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn echo_guard_swallows_each_expected_message_once() {
+        let mut g = EchoGuard::default();
+        let on = Bytes::from("on");
+        g.expect("cmd/led", &on);
+        assert!(!g.is_echo("cmd/led", &Bytes::from("off")));
+        assert!(g.is_echo("cmd/led", &on));
+        assert!(!g.is_echo("cmd/led", &on), "a second, real message passes");
+    }
+
+    #[test]
+    fn routes_map_topics_both_ways() {
+        let text = "gateway: { id: gw }\nbridges:\n  - name: c\n    url: mqtt://h\n    \
+                    forward: [ { topics: \"PV/#\", remote_prefix: \"site/gw/\", qos: 1 }, { topics: \"#\" } ]\n    \
+                    subscribe: [ { topics: \"cmd/+\", remote_prefix: \"site/gw/\", qos: 2 } ]\n";
+        let config = Config::from_text(Path::new("c.yaml"), text, |_| None).unwrap();
+        let spec = BridgeSpec::from_config(&config.bridges[0], &config).unwrap();
+        assert_eq!(
+            spec.uplink("PV/data"),
+            Some(("site/gw/PV/data".to_string(), Qos::AtLeastOnce))
+        );
+        assert_eq!(
+            spec.uplink("x/y"),
+            Some(("x/y".to_string(), Qos::AtMostOnce))
+        );
+        assert_eq!(
+            spec.downlink("site/gw/cmd/led"),
+            Some("cmd/led".to_string())
+        );
+        assert_eq!(spec.downlink("site/gw/cmd/led/x"), None);
+        assert_eq!(spec.downlink("other/cmd/led"), None);
+        assert_eq!(
+            spec.remote_filters(),
+            vec![("site/gw/cmd/+".to_string(), Qos::ExactlyOnce)]
+        );
+        assert_eq!(spec.status_topic, "edgebridge/gw/bridges/c/status");
     }
 }

@@ -594,7 +594,7 @@ async fn gateway_does_not_echo_cloud_commands_back() {
 
 /// During an outage, messages are queued; the real binary is killed with
 /// SIGKILL, then the binary and the cloud broker come back: every queued
-/// message arrives, in order.
+/// message arrives, in order (through a paced drain).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs mosquitto: run by .ci/run"]
 async fn kill_9_during_an_outage_loses_nothing_queued() {
@@ -608,6 +608,7 @@ async fn kill_9_during_an_outage_loses_nothing_queued() {
         port,
         &format!(
             "bridges:\n  - name: cloud\n    url: {}\n    reconnect: {{ min: 100ms, max: 500ms }}\n    \
+             queue: {{ drain_rate: 5000 }}\n    \
              forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
             m.url()
         ),
