@@ -133,7 +133,11 @@ impl Gateway {
             bus.clone(),
             rules.clone(),
         ));
-        pipeline::commands::run(&config, bus.clone(), devices.clone()).await?;
+        if let Err(e) = pipeline::commands::run(&config, bus.clone(), devices.clone()).await {
+            shutdown.cancel();
+            bridge_shutdown.cancel();
+            return Err(e.into());
+        }
         tracing::info!(gateway = %id, devices = config.devices.len(), "gateway started");
         Ok(Gateway {
             config,
