@@ -138,11 +138,21 @@ impl BridgeSpec {
         })
     }
 
-    /// The remote filters to subscribe to.
+    /// The remote filters to subscribe to. With a persistent session, QoS 2
+    /// is asked as QoS 1: rumqttc forgets incoming QoS 2 state when the
+    /// connection drops, and fails on the PUBREL the broker resends after
+    /// resuming the session, again on every reconnect.
     pub fn remote_filters(&self) -> Vec<(String, Qos)> {
         self.subscribe
             .iter()
-            .map(|r| (format!("{}{}", r.remote_prefix, r.topics), r.qos.0))
+            .map(|r| {
+                let qos = if self.remote.clean_session {
+                    r.qos.0
+                } else {
+                    r.qos.0.min(Qos::AtLeastOnce)
+                };
+                (format!("{}{}", r.remote_prefix, r.topics), qos)
+            })
             .collect()
     }
 }
@@ -879,5 +889,8 @@ mod tests {
             vec![("site/gw/cmd/+".to_string(), Qos::ExactlyOnce)]
         );
         assert_eq!(spec.status_topic, "edgebridge/gw/bridges/c/status");
+        let mut persistent = spec.clone();
+        persistent.remote.clean_session = false;
+        assert_eq!(persistent.remote_filters()[0].1, Qos::AtLeastOnce);
     }
 }
