@@ -772,3 +772,42 @@ async fn bridge_over_mutual_tls_and_a_clear_error_with_the_wrong_ca() {
     assert!(!s.connected);
     wrong.stop().await;
 }
+
+/// With `clean_session: false` the cloud keeps the bridge's session: a
+/// command sent while the gateway was down arrives when it comes back.
+#[tokio::test]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn persistent_session_gets_commands_sent_while_away() {
+    let m = Mosquitto::start(Security::Plain);
+    let (remote, _seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", true).await;
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    protocol: mqtt5\n    client_id: gw-persistent\n    clean_session: false\n    \
+         subscribe: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 2 }} ]\n",
+        m.url()
+    );
+    let mut b = start_bridge(&yaml, data_dir(), None);
+    b.wait_status("connected", |s| s.connected).await;
+    // Make sure the subscription is in place before going away (retained:
+    // it comes whenever the SUBSCRIBE lands).
+    remote
+        .publish("site/cmd/probe", QoS::AtLeastOnce, true, "p")
+        .await
+        .unwrap();
+    assert_eq!(b.next_downlink().await.topic, "cmd/probe");
+    let data = b.stop().await;
+
+    remote
+        .publish("site/cmd/led", QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    let mut b = start_bridge(&yaml, data, None);
+    let mut cmd = b.next_downlink().await;
+    while cmd.topic == "cmd/probe" {
+        cmd = b.next_downlink().await;
+    }
+    assert_eq!(
+        (cmd.topic.as_str(), cmd.payload.as_ref()),
+        ("cmd/led", &b"on"[..])
+    );
+    b.stop().await;
+}
