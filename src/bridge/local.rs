@@ -114,3 +114,16 @@ pub async fn start_all(
     }
     Ok(running)
 }
+
+/// Reads and checks the files that the generic bridges of `config` point to
+/// (CA, client certificate and key), without connecting anywhere; for
+/// `edgebridge check`. One message per problem.
+pub fn check_files(config: &Config) -> Vec<String> {
+    config
+        .bridges
+        .iter()
+        .filter(|b| b.onenet.is_none())
+        .filter_map(|b| BridgeSpec::from_config(b, config).err())
+        .map(|e| e.to_string())
+        .collect()
+}

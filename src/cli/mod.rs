@@ -129,8 +129,24 @@ fn check(path: &Path) -> ExitCode {
     if !check_rules(&config) {
         return ExitCode::from(EXIT_CONFIG);
     }
+    if !check_bridge_files(path, &config) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
+}
+
+/// Reads the files the bridges point to (certificates and keys), printing
+/// every problem.
+fn check_bridge_files(path: &Path, config: &Config) -> bool {
+    let problems = crate::bridge::check_files(config);
+    for p in &problems {
+        eprintln!("{}: {p}", path.display());
+    }
+    if !problems.is_empty() {
+        eprintln!("{} problem(s) in {}", problems.len(), path.display());
+    }
+    problems.is_empty()
 }
 
 /// Compiles the configured rules, printing every error with its place.

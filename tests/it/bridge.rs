@@ -811,3 +811,24 @@ async fn persistent_session_gets_commands_sent_while_away() {
     );
     b.stop().await;
 }
+
+/// `edgebridge check` reads the bridge's certificate files: a missing CA is
+/// a config problem (exit 2) with the path in the message, not a panic.
+#[tokio::test]
+async fn check_reports_a_missing_ca_file() {
+    let dir = data_dir();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "gateway: { id: gw-it }\nbridges:\n  - name: cloud\n    url: mqtts://cloud.example:8883\n    \
+         tls: { ca: certs/missing-ca.pem }\n    forward: [ { topics: \"PV/#\" } ]\n",
+    )
+    .unwrap();
+    let mut bin = crate::support::Binary::spawn(&["check"], dir.path());
+    let status = bin.child.wait().unwrap();
+    assert_eq!(status.code(), Some(2));
+    let err = bin.stderr();
+    assert!(
+        err.contains("bridge `cloud`: cannot read CA file") && err.contains("certs/missing-ca.pem"),
+        "{err}"
+    );
+}
