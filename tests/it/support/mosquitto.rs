@@ -14,7 +14,7 @@
 #![allow(dead_code)] // each test uses a different part of it
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,14 +55,6 @@ pub struct Mosquitto {
     child: Option<Child>,
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
-
 impl Mosquitto {
     /// Starts Mosquitto on a free port and waits until it accepts
     /// connections. Sessions persist across [`Mosquitto::stop`] and
@@ -70,7 +62,7 @@ impl Mosquitto {
     pub fn start(security: Security) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
         let certs = (security != Security::Plain).then(|| generate_certs(dir.path()));
-        let port = free_port();
+        let port = super::free_port();
         let mut m = Mosquitto {
             dir,
             port,
