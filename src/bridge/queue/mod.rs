@@ -334,32 +334,46 @@ impl Queue {
         Ok(())
     }
 
-    /// Drops messages older than `max_age` (if set). Returns how many.
+    /// Drops messages older than `max_age` (if set), oldest first. Returns
+    /// how many. Rows are in append order, so this reads from the head and
+    /// stops at the first young one: cheap enough to call every second on
+    /// a large backlog (a clock set backwards only delays expiry).
     pub fn expire(&mut self) -> Result<u64, QueueError> {
         let Some(max_age) = self.limits.max_age else {
             return Ok(0);
         };
         let cutoff = now_ms() - max_age.as_millis() as i64;
-        let (n, bytes): (i64, i64) = self
-            .conn
-            .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE ts < ?1",
-                [cutoff],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(|source| sql(&self.path, source))?;
+        let (last_id, n, freed) = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT id, size, ts FROM messages ORDER BY id")
+                .map_err(|source| sql(&self.path, source))?;
+            let mut rows = stmt.query([]).map_err(|source| sql(&self.path, source))?;
+            let (mut last_id, mut n, mut freed) = (0i64, 0u64, 0u64);
+            while let Some(row) = rows.next().map_err(|source| sql(&self.path, source))? {
+                let ts: i64 = row.get(2).map_err(|source| sql(&self.path, source))?;
+                if ts >= cutoff {
+                    break;
+                }
+                last_id = row.get(0).map_err(|source| sql(&self.path, source))?;
+                let size: i64 = row.get(1).map_err(|source| sql(&self.path, source))?;
+                freed += size as u64;
+                n += 1;
+            }
+            (last_id, n, freed)
+        };
         if n == 0 {
             return Ok(0);
         }
         self.conn
-            .execute("DELETE FROM messages WHERE ts < ?1", [cutoff])
+            .execute("DELETE FROM messages WHERE id <= ?1", [last_id])
             .map_err(|source| sql(&self.path, source))?;
-        self.depth -= (n as u64).min(self.depth);
-        self.bytes -= (bytes as u64).min(self.bytes);
+        self.depth -= n.min(self.depth);
+        self.bytes -= freed.min(self.bytes);
         tracing::warn!(bridge = %self.name, dropped = n, max_age = ?max_age,
             "queued messages older than max_age dropped");
-        self.dropped += n as u64;
-        Ok(n as u64)
+        self.dropped += n;
+        Ok(n)
     }
 
     /// Drops the oldest messages until `bytes <= max_bytes`.
