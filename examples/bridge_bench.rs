@@ -7,7 +7,7 @@
 //! cargo run --example bridge_bench -- [messages] [payload bytes]
 //! cargo run --release --example bridge_bench -- 100000   # real numbers
 //! ```
-//! Needs /usr/sbin/mosquitto. Results: `benches/RESULTS.md`.
+//! Needs /usr/sbin/mosquitto. Results: `BENCHMARKS.md`.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
