@@ -917,3 +917,42 @@ async fn kill_9_while_forwarding_leaves_no_holes() {
     assert!(duplicates <= 100 + 512, "{duplicates} duplicates");
     drop(bin2);
 }
+
+/// With `broker.enabled: false` the bus is an external broker (here a
+/// second Mosquitto): bridging and the loop guard work the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn bridging_works_on_an_external_bus_broker() {
+    let cloud = Mosquitto::start(Security::Plain);
+    let local = Mosquitto::start(Security::Plain);
+    let (remote, mut seen) = remote_subscriber(cloud.port(), "it-cloud-app", "site/#", true).await;
+    let data = data_dir();
+    let yaml = format!(
+        "gateway: {{ id: gw-it, data_dir: {} }}\nbroker: {{ enabled: false, external: {} }}\n\
+         bridges:\n  - name: cloud\n    url: {}\n    \
+         forward: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 1 }} ]\n    \
+         subscribe: [ {{ topics: \"cmd/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        data.path().display(),
+        local.url(),
+        cloud.url()
+    );
+    let gw = crate::support::start(&yaml).await;
+    let local_addr: std::net::SocketAddr = format!("127.0.0.1:{}", local.port()).parse().unwrap();
+    let mut lan = crate::support::Client::connect(local_addr, "it-lan", &["cmd/#"]).await;
+    remote
+        .publish("site/cmd/probe", QoS::AtLeastOnce, true, "p")
+        .await
+        .unwrap();
+    assert_eq!(next_remote(&mut seen).await.0, "site/cmd/probe");
+    lan.expect("cmd/probe", WAIT).await;
+    lan.client
+        .publish("cmd/marker", QoS::AtLeastOnce, false, "m")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_remote(&mut seen).await.0,
+        "site/cmd/marker",
+        "the downlinked probe was echoed back"
+    );
+    gw.shutdown().await;
+}
