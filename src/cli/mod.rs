@@ -67,7 +67,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // `rules test` prints a report; rule logs below warnings would bury it.
     let quiet = matches!(cli.command, Some(Command::Rules(_)));
-    init_logging(if quiet { "warn" } else { "info,rumqttd=warn,rumqttd::router=off" });
+    init_logging(if quiet {
+        "warn"
+    } else {
+        "info,rumqttd=warn,rumqttd::router=off"
+    });
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
         Command::Check => check(&cli.config),
