@@ -4,8 +4,8 @@
 //! backlog drain rate after an outage and the peak memory meanwhile.
 //!
 //! ```text
-//! cargo run --example bridge_bench -- [messages] [payload bytes]
-//! cargo run --release --example bridge_bench -- 100000   # real numbers
+//! cargo bench --profile dev --bench bridge -- [messages] [payload bytes]
+//! cargo bench --bench bridge -- 100000      # release build: real numbers
 //! ```
 //! Needs /usr/sbin/mosquitto. Results: `BENCHMARKS.md`.
 
@@ -249,9 +249,13 @@ async fn gateway(data: &Path, cloud_port: u16, q: u8) -> Gateway {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let size: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(64);
+    // `cargo bench` adds flags such as `--bench`; take the numbers.
+    let nums: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let n = nums.first().copied().unwrap_or(20_000);
+    let size = nums.get(1).copied().unwrap_or(64);
     let payload = vec![b'x'; size];
     let dir = tempfile::tempdir().expect("temp dir");
     let profile = if cfg!(debug_assertions) {
