@@ -79,10 +79,11 @@ pub enum StartError {
     Bridge(#[from] BridgeError),
     #[error("bridge `{bridge}`: {source}")]
     Bus { bridge: String, source: BusError },
+    #[error(transparent)]
+    OneNet(#[from] super::onenet::run::OneNetError),
 }
 
-/// Opens the queues and starts every generic MQTT bridge of `config` (not
-/// the OneNET ones),
+/// Opens the queues and starts every bridge of `config` (OneNET ones too),
 /// subscribed on `bus` before this returns (so nothing published after it
 /// is missed). They stop when `shutdown` is cancelled, keeping whatever is
 /// unacknowledged in their queues.
@@ -94,8 +95,12 @@ pub async fn start_all(
     // Open everything first, so a bad certificate in the second bridge does
     // not leave the first one running.
     let mut bridges = Vec::new();
-    // OneNET bridges (`onenet:`) are started by their own module.
-    for b in config.bridges.iter().filter(|b| b.onenet.is_none()) {
+    let mut onenet = Vec::new();
+    for b in &config.bridges {
+        if b.onenet.is_some() {
+            onenet.push(super::onenet::run::OneNetBridge::open(config, b)?);
+            continue;
+        }
         bridges.push(Bridge::open(BridgeSpec::from_config(b, config)?)?);
     }
     let mut running = Vec::new();
@@ -112,6 +117,9 @@ pub async fn start_all(
         let task = tokio::spawn(bridge.run(link, shutdown.clone()));
         running.push(RunningBridge { name, status, task });
     }
+    for bridge in onenet {
+        running.push(bridge.start(bus, shutdown).await?);
+    }
     Ok(running)
 }
 
@@ -122,8 +130,13 @@ pub fn check_files(config: &Config) -> Vec<String> {
     config
         .bridges
         .iter()
-        .filter(|b| b.onenet.is_none())
-        .filter_map(|b| BridgeSpec::from_config(b, config).err())
-        .map(|e| e.to_string())
+        .filter_map(|b| match b.onenet {
+            Some(_) => super::onenet::run::check_files(config, b)
+                .err()
+                .map(|e| e.to_string()),
+            None => BridgeSpec::from_config(b, config)
+                .err()
+                .map(|e| e.to_string()),
+        })
         .collect()
 }

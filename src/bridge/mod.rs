@@ -5,9 +5,12 @@
 //! - [`mqtt`]: the remote connection: options from a `BridgeConfig`
 //!   (URL, TLS, protocol 3.1.1/5, session, will), reconnect backoff, and
 //!   the packet-id to acknowledgement tracking that rumqttc does not do.
+//! - [`onenet`]: China Mobile OneNET natively, on the same queue and
+//!   connection.
 
 mod local;
 pub mod mqtt;
+pub mod onenet;
 pub mod queue;
 mod task;
 pub mod topic;

@@ -1,6 +1,7 @@
 //! The command line. `anyhow` lives here only; exit codes: 0 ok,
 //! 1 runtime failure, 2 bad config or usage.
 
+mod onenet;
 mod read;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,11 @@ pub enum Command {
         /// The username.
         user: String,
     },
+    /// OneNET helpers (`onenet token` prints a device token).
+    Onenet {
+        #[command(subcommand)]
+        command: onenet::OnenetCommand,
+    },
     /// Read a Modbus device once and print the values: every point of a
     /// configured device (`--device NAME`), or raw registers from a port
     /// (`--port` or `--tcp`) decoded as every type in every byte order.
@@ -78,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Passwd { user } => report(passwd(&user)),
         Command::Read(args) => read::main(&cli.config, &args),
         Command::Rules(RulesCommand::Test { files }) => rules_test(&cli.config, files),
+        Command::Onenet { command } => report(onenet::run(&cli.config, command)),
     }
 }
 

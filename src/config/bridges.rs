@@ -184,14 +184,90 @@ pub enum SignMethod {
     Sha256,
 }
 
+/// Which kind of OneNET product the device belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OneNetMode {
+    /// Thing model (OneJSON): `thing/property/post`, `thing/property/set`.
+    #[default]
+    Thing,
+    /// Older data-stream products: `dp/post/json`, `cmd/request/+`.
+    Datastream,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OneNetConfig {
+    /// The product id from the OneNET console (the MQTT username).
     pub product_id: String,
+    /// The device name in that product (the MQTT client id).
     pub device_name: String,
+    /// The device's access key (base64, as the console shows it).
     pub access_key: Secret,
+    /// HMAC of the token: md5, sha1 or sha256.
     #[serde(default)]
     pub method: SignMethod,
+    /// Thing model (default) or data streams.
+    #[serde(default)]
+    pub mode: OneNetMode,
+    /// How long each token is valid; the bridge reconnects with a fresh
+    /// token before it expires.
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Property changes within this window go out as one post.
+    #[serde(default = "default_one_second", with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// Least time between two messages to OneNET (it accepts about one per
+    /// second per device); also paces the replay after an outage.
+    #[serde(default = "default_one_second", with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// How long a property set or command waits for the device writes
+    /// before OneNET gets a timeout reply.
+    #[serde(default = "default_reply_timeout", with = "humantime_serde")]
+    pub reply_timeout: Duration,
+    /// QoS of uplink messages: 0 or 1 (OneNET has no QoS 2).
+    #[serde(default = "default_onenet_qos")]
+    pub qos: QosLevel,
+    /// OneNET devices this gateway reports for (thing model only): added
+    /// to the gateway's topology, logged in, and posted with
+    /// `thing/pack/post`.
+    #[serde(default)]
+    pub sub_devices: Vec<SubDeviceConfig>,
+}
+
+/// A OneNET sub-device behind this gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubDeviceConfig {
+    /// The sub-device's product id (its product's node type is
+    /// "sub-device" in the OneNET console).
+    pub product_id: String,
+    /// The sub-device's name in that product.
+    pub device_name: String,
+    /// The sub-device's own access key (base64); signs its `topo/add`.
+    pub access_key: Secret,
+    /// HMAC of its token; default: the gateway's `method`.
+    #[serde(default)]
+    pub method: Option<SignMethod>,
+    /// Local topic -> property of this sub-device.
+    #[serde(default)]
+    pub properties: Vec<PropertyRoute>,
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+fn default_one_second() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_reply_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_onenet_qos() -> QosLevel {
+    QosLevel(crate::model::Qos::AtLeastOnce)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,7 +275,7 @@ pub struct OneNetConfig {
 pub struct PropertyRoute {
     /// Local topic filter.
     pub topics: String,
-    /// Thing-model property identifier.
+    /// Thing-model property identifier (or data stream name).
     pub property: String,
 }
 

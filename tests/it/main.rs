@@ -9,4 +9,6 @@ mod config;
 mod drivers;
 mod gateway;
 mod interop;
+mod onenet;
+mod onenet_gateway;
 mod rules;

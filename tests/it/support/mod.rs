@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod modbus_sim;
+pub mod onenet_standin;
 pub mod pty;
 
 use std::net::{SocketAddr, TcpListener};
