@@ -633,3 +633,56 @@ mappings:
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_property_set_writes_a_modbus_register_and_is_answered_200() {
+    use crate::support::modbus_sim::{Sim, TcpDevice};
+    let sim = Sim::new();
+    sim.add_slave(1);
+    sim.set_holding(1, 5, &[7]);
+    let dev = TcpDevice::start(&sim).await;
+    let s = standin().await;
+    let devices = format!(
+        "devices:
+  - name: plc
+    driver: modbus-tcp
+    address: \"{}\"
+    slave: 1
+    poll: 100ms
+    points:
+      - {{ name: setpoint, table: holding, address: 5, type: u16, writable: true }}
+mappings:
+  - {{ match: plc/setpoint, topic: plc/setpoint }}
+commands:
+  - {{ topic: onenet/cloud/set/setpoint, write: plc/setpoint }}
+",
+        dev.addr()
+    );
+    let cfg = setup(
+        &s,
+        &devices,
+        "",
+        "    properties:\n      - { topics: plc/setpoint, property: setpoint }\n",
+    );
+    let gw = support::start(&cfg.yaml).await;
+    s.wait_for("setpoint=7 posted", WAIT, |st| {
+        st.posted_values()
+            .iter()
+            .any(|(k, v, _)| k == "setpoint" && v.as_f64() == Some(7.0))
+            .then_some(())
+    })
+    .await;
+    let id = s.send_property_set(json!({"setpoint": 42}));
+    let reply = s.wait_for("set_reply", WAIT, |st| st.set_reply(&id)).await;
+    assert_eq!(reply, json!({"id": id, "code": 200, "msg": "success"}));
+    // The register really holds the new value, and OneNET sees it.
+    assert_eq!(sim.holding(1, 5, 1), [42]);
+    s.wait_for("setpoint=42 posted", WAIT, |st| {
+        st.posted_values()
+            .iter()
+            .any(|(k, v, _)| k == "setpoint" && v.as_f64() == Some(42.0))
+            .then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+}
