@@ -228,6 +228,12 @@ pub struct OneNetConfig {
     /// QoS of uplink messages: 0 or 1 (OneNET has no QoS 2).
     #[serde(default = "default_onenet_qos")]
     pub qos: QosLevel,
+    /// After an outage, send the backlog as `thing/history/post` messages
+    /// of up to 50 queued posts each (every value with its own time), so it
+    /// drains within OneNET's rate; the newest post still goes as a
+    /// property post. `false`: replay post by post.
+    #[serde(default = "default_history_replay")]
+    pub history_replay: bool,
     /// OneNET devices this gateway reports for (thing model only): added
     /// to the gateway's topology, logged in, and posted with
     /// `thing/pack/post`.
@@ -264,6 +270,10 @@ fn default_one_second() -> Duration {
 
 fn default_reply_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_history_replay() -> bool {
+    true
 }
 
 fn default_onenet_qos() -> QosLevel {

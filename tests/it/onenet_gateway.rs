@@ -346,6 +346,10 @@ mappings:
     {
         let st = s.state();
         assert!(st.connects.len() > connects_before, "reconnected");
+        assert!(
+            !st.history_posts().is_empty(),
+            "the backlog went out as history"
+        );
         assert!(st.connects.last().unwrap().accepted);
         let posted: Vec<i64> = st.posted_values().iter().map(|(_, _, t)| *t).collect();
         // Original times: every posted time is a reading's own time, and every
@@ -684,5 +688,64 @@ commands:
             .then_some(())
     })
     .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drains_within_the_rate_while_new_data_keeps_coming() {
+    let s = standin().await;
+    // Five posts per second are produced, one message per second may go:
+    // replaying post by post would never catch up.
+    let devices = "devices:
+  - name: pv
+    driver: simulator
+    poll: 200ms
+    points:
+      - { name: power, wave: ramp, min: 0, max: 1000, period: 1h }
+mappings:
+  - { match: pv/power, topic: PV/power, payload: json }
+";
+    let cfg = setup(
+        &s,
+        devices,
+        "      batch_window: 150ms\n",
+        "    properties:\n      - { topics: PV/power, property: power }\n",
+    );
+    s.begin_outage();
+    let gw = support::start(&cfg.yaml).await;
+    let mut local = Client::connect(support::mqtt_addr(&gw), "t-local", &["PV/power"]).await;
+    let mut during = Vec::new();
+    while during.len() < 10 {
+        let g = local.expect("PV/power", WAIT).await;
+        let v: Json = serde_json::from_str(&g.payload).unwrap();
+        during.push(v["ts"].as_i64().unwrap());
+    }
+    s.end_outage();
+    // Caught up: a reading made after the outage arrives as the current
+    // value, behind the whole backlog.
+    let g = local.expect("PV/power", WAIT).await;
+    let after: Json = serde_json::from_str(&g.payload).unwrap();
+    let after = after["ts"].as_i64().unwrap();
+    s.wait_for("live data after the backlog", WAIT, |st| {
+        st.posted_values()
+            .iter()
+            .any(|(_, _, t)| *t >= after)
+            .then_some(())
+    })
+    .await;
+    {
+        let st = s.state();
+        let posted: Vec<i64> = st.posted_values().iter().map(|(_, _, t)| *t).collect();
+        for ts in &during {
+            assert!(posted.contains(ts), "reading at {ts} lost");
+        }
+        assert!(!st.history_posts().is_empty());
+        assert_eq!(
+            st.max_posts_within(Duration::from_millis(950)),
+            1,
+            "over 1 msg/s"
+        );
+        assert!(st.violations.is_empty(), "{:?}", st.violations);
+    }
     gw.shutdown().await;
 }

@@ -82,6 +82,7 @@ mod tests {
             reply_timeout: Duration::from_secs(5),
             qos: crate::config::QosLevel(crate::model::Qos::AtLeastOnce),
             sub_devices: Vec::new(),
+            history_replay: true,
         }
     }
 

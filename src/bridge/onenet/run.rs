@@ -39,7 +39,7 @@ use crate::bridge::mqtt::{
     client_config, remote_client, AckTracker, Backoff, Endpoint, RemoteConnection, RemoteError,
     RemoteEvent, RemoteOptions, RemoteSender, TlsError,
 };
-use crate::bridge::queue::{Queue, QueueError, QueueLimits};
+use crate::bridge::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
 use crate::bridge::topic::matches;
 use crate::bridge::{status_topic, BridgeStatus, BusLink, LocalLink, RunningBridge};
 use crate::bus::{Bus, BusError};
@@ -81,6 +81,10 @@ pub fn cmd_topic(bridge: &str) -> String {
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(60);
 /// Queue ids of messages that do not come from the queue (replies).
 const NOT_QUEUED: i64 = -1;
+/// Queued posts merged into one `thing/history/post`, at most.
+const HISTORY_MAX: usize = 50;
+/// Payload bytes of one history post, about at most.
+const HISTORY_BYTES: usize = 128 * 1024;
 /// Posts handed to the client and not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 4;
 /// Posts kept in memory while the queue refuses appends.
@@ -296,6 +300,8 @@ impl OneNetBridge {
             control: VecDeque::new(),
             control_ids: IdCounter::starting_at(initial_id() / 2),
             latest: BTreeMap::new(),
+            merged: Default::default(),
+            history_ids: IdCounter::starting_at(initial_id() / 3),
         };
         tracing::info!(bridge = %name, product = %o.product_id, device = %o.device_name,
             url = ?connection.base.endpoint, mode = ?o.mode, "OneNET bridge starting");
@@ -592,6 +598,9 @@ struct Connection {
     control_ids: IdCounter,
     /// The latest value of each property sent, for `thing/property/get`.
     latest: BTreeMap<String, Json>,
+    /// History posts in flight: last queue id -> every queue id merged.
+    merged: std::collections::HashMap<i64, Vec<i64>>,
+    history_ids: IdCounter,
 }
 
 /// How often the queue's `max_age` is applied and a changed status published.
@@ -642,6 +651,7 @@ impl Connection {
                 }
             }
             let unacked = self.acks.reset();
+            self.merged.clear();
             self.last_sent = 0;
             self.backoff.disconnected();
             if was_connected {
@@ -767,15 +777,23 @@ impl Connection {
         if !self.pacer.ready(now.into_std()) || self.acks.in_flight() >= MAX_IN_FLIGHT {
             return;
         }
-        let next = match lock(&self.queue).peek_after(self.last_sent, 1) {
-            Ok(mut v) => v.pop(),
+        let want = if self.o.history_replay {
+            HISTORY_MAX + 1
+        } else {
+            1
+        };
+        let peeked = match lock(&self.queue).peek_after(self.last_sent, want) {
+            Ok(v) => v,
             Err(e) => {
                 tracing::error!(bridge = %self.bridge, error = %e, "cannot read the queue");
                 self.status.last_error = Some(e.to_string());
                 return;
             }
         };
-        let Some(m) = next else {
+        if self.send_history(sender, &peeked, want, now) {
+            return;
+        }
+        let Some(m) = peeked.into_iter().next() else {
             return;
         };
         if !self.topics.is_own(&m.topic) {
@@ -812,6 +830,62 @@ impl Connection {
         self.pacer.sent(now.into_std());
     }
 
+    /// A backlog of property posts goes out as one history post (all but
+    /// the newest, which stays a property post so the current value shows
+    /// as current). `true` if one was sent.
+    fn send_history(
+        &mut self,
+        sender: &RemoteSender,
+        peeked: &[QueuedMessage],
+        asked: usize,
+        now: Instant,
+    ) -> bool {
+        let post_topic = self.topics.property_post();
+        let mut run: Vec<&QueuedMessage> = Vec::new();
+        let mut bytes = 0;
+        for m in peeked {
+            if m.topic != post_topic
+                || run.len() == HISTORY_MAX
+                || bytes + m.payload.len() > HISTORY_BYTES
+            {
+                break;
+            }
+            bytes += m.payload.len();
+            run.push(m);
+        }
+        // The newest queued post is not history.
+        if run.len() == peeked.len() && peeked.len() < asked {
+            run.pop();
+        }
+        if run.len() < 2 {
+            return false;
+        }
+        let posts: Vec<PropertyPost> = run
+            .iter()
+            .filter_map(|m| PropertyPost::parse(&m.payload).ok())
+            .collect();
+        let id = self.history_ids.next_id();
+        let (payload, props) = thing::history_post(&id, &posts);
+        let qos = match run[0].qos {
+            Qos::ExactlyOnce => Qos::AtLeastOnce,
+            q => q,
+        };
+        let topic = self.topics.history_post();
+        if let Err(e) = sender.publish(&topic, Bytes::from(payload), qos, false) {
+            tracing::debug!(bridge = %self.bridge, error = %e, "client refused a publish; retrying");
+            return true;
+        }
+        let ids: Vec<i64> = run.iter().map(|m| m.id).collect();
+        let last = ids[ids.len() - 1];
+        tracing::debug!(bridge = %self.bridge, posts = ids.len(), "backlog sent as history");
+        self.book.sent(id, props);
+        self.merged.insert(last, ids);
+        self.acks.sent(last, qos);
+        self.last_sent = last;
+        self.pacer.sent(now.into_std());
+        true
+    }
+
     /// Publish and acknowledgement events: a post leaves the queue once
     /// OneNET has it.
     fn on_ack_event(&mut self, ev: &RemoteEvent) {
@@ -825,10 +899,11 @@ impl Connection {
             _ => None,
         };
         if let Some(id) = done.filter(|id| *id != NOT_QUEUED) {
-            let acked = lock(&self.queue).ack(&[id]);
+            let ids = self.merged.remove(&id).unwrap_or_else(|| vec![id]);
+            let acked = lock(&self.queue).ack(&ids);
             match acked {
                 Ok(()) => {
-                    self.status.forwarded += 1;
+                    self.status.forwarded += ids.len() as u64;
                     self.sync_stats();
                     self.status_tx.send_replace(self.status.clone());
                 }
@@ -851,6 +926,7 @@ impl Connection {
                         (self.topics.property_post_reply(), Qos::AtMostOnce),
                         (self.topics.property_set(), Qos::AtMostOnce),
                         (self.topics.property_get(), Qos::AtMostOnce),
+                        (self.topics.history_post_reply(), Qos::AtMostOnce),
                     ],
                     OneNetMode::Datastream => vec![
                         (self.topics.dp_rejected(), Qos::AtMostOnce),
@@ -920,7 +996,10 @@ impl Connection {
                 }
                 Err(e) => tracing::warn!(bridge = %self.bridge, error = %e, "bad reply"),
             }
-        } else if m.topic == t.property_post_reply() || m.topic == t.pack_post_reply() {
+        } else if m.topic == t.property_post_reply()
+            || m.topic == t.pack_post_reply()
+            || m.topic == t.history_post_reply()
+        {
             match Reply::parse(&m.payload) {
                 Ok(reply) => {
                     if let Some(r) = self.book.reply(&reply) {

@@ -40,6 +40,14 @@ impl Topics {
         self.at("thing/property/set_reply")
     }
 
+    pub fn history_post(&self) -> String {
+        self.at("thing/history/post")
+    }
+
+    pub fn history_post_reply(&self) -> String {
+        self.at("thing/history/post/reply")
+    }
+
     pub fn property_get(&self) -> String {
         self.at("thing/property/get")
     }

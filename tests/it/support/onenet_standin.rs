@@ -145,19 +145,42 @@ impl State {
             .map(|r| r.payload.clone())
     }
 
-    /// Every `(property, value, time)` posted, in order.
+    /// History posts received, in order.
+    pub fn history_posts(&self) -> Vec<&Received> {
+        self.topics_ending("/thing/history/post")
+    }
+
+    /// Every `(property, value, time)` posted (property posts and history
+    /// posts), in arrival order.
     pub fn posted_values(&self) -> Vec<(String, Json, i64)> {
         let mut out = Vec::new();
-        for r in self.property_posts() {
-            if let Some(Json::Object(params)) = r.json().get("params") {
-                for (k, v) in params {
-                    let time = v.get("time").and_then(Json::as_i64).unwrap_or(0);
-                    out.push((
-                        k.clone(),
-                        v.get("value").cloned().unwrap_or(Json::Null),
-                        time,
-                    ));
+        let posts = self.published.iter().filter(|r| {
+            r.topic.ends_with("/thing/property/post") || r.topic.ends_with("/thing/history/post")
+        });
+        for r in posts {
+            let j = r.json();
+            let mut push = |k: &str, v: &Json| {
+                let time = v.get("time").and_then(Json::as_i64).unwrap_or(0);
+                out.push((
+                    k.to_string(),
+                    v.get("value").cloned().unwrap_or(Json::Null),
+                    time,
+                ));
+            };
+            match j.get("params") {
+                Some(Json::Object(params)) => params.iter().for_each(|(k, v)| push(k, v)),
+                Some(Json::Array(entries)) => {
+                    for e in entries {
+                        if let Some(Json::Object(props)) = e.get("properties") {
+                            for (k, values) in props {
+                                for v in values.as_array().into_iter().flatten() {
+                                    push(k, v);
+                                }
+                            }
+                        }
+                    }
                 }
+                _ => {}
             }
         }
         out
@@ -194,9 +217,10 @@ impl State {
         out
     }
 
-    /// The most property posts that arrived within any `window`.
+    /// The most messages (posts, history, replies: everything the device
+    /// published) that arrived within any `window`.
     pub fn max_posts_within(&self, window: Duration) -> usize {
-        let times: Vec<Instant> = self.property_posts().iter().map(|r| r.at).collect();
+        let times: Vec<Instant> = self.published.iter().map(|r| r.at).collect();
         let mut best = 0;
         for (i, t) in times.iter().enumerate() {
             let n = times[i..].iter().take_while(|u| **u - *t < window).count();
@@ -618,6 +642,18 @@ impl Shared {
             replies.push((
                 self.topics.property_post_reply(),
                 self.post_reply(&p.payload),
+            ));
+        } else if p.topic == self.topics.history_post() {
+            let json: Json = serde_json::from_slice(&p.payload).unwrap_or(Json::Null);
+            let ok = json["params"][0]["properties"].is_object();
+            let reply = serde_json::json!({
+                "id": json["id"],
+                "code": if ok { 200 } else { 400 },
+                "msg": if ok { "success" } else { "params[0].properties missing" },
+            });
+            replies.push((
+                self.topics.history_post_reply(),
+                reply.to_string().into_bytes(),
             ));
         } else if p.topic == self.topics.topo_add()
             || p.topic == self.topics.sub_login()
