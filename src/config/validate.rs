@@ -1206,6 +1206,7 @@ mod onenet_tests {
         assert_eq!(o.qos.0, crate::model::Qos::AtLeastOnce);
         assert_eq!(o.mode, crate::config::OneNetMode::Thing);
         assert_eq!(o.method, crate::config::SignMethod::Sha256);
+        assert!(o.history_replay);
         assert!(!format!("{c:?}").contains(KEY), "access key in Debug");
     }
 
