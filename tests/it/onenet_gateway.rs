@@ -749,3 +749,69 @@ mappings:
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_device_backlog_drains_as_history_with_identities() {
+    let s = standin().await;
+    const SUB_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    s.add_sub_device("subprod", "meter-1", SUB_KEY);
+    let devices = "devices:
+  - name: m1
+    driver: simulator
+    poll: 200ms
+    points:
+      - { name: energy, wave: ramp, min: 0, max: 1000, period: 1h }
+mappings:
+  - { match: m1/energy, topic: meters/m1/energy, payload: json }
+";
+    let subs = format!(
+        "      batch_window: 150ms
+      sub_devices:
+        - product_id: subprod
+          device_name: meter-1
+          access_key: \"{SUB_KEY}\"
+          properties: [ {{ topics: meters/m1/energy, property: energy }} ]
+"
+    );
+    let cfg = setup(&s, devices, &subs, "");
+    s.begin_outage();
+    let gw = support::start(&cfg.yaml).await;
+    let mut local = Client::connect(support::mqtt_addr(&gw), "t-local", &["meters/#"]).await;
+    let mut during = Vec::new();
+    while during.len() < 8 {
+        let g = local.expect("meters/m1/energy", WAIT).await;
+        let v: Json = serde_json::from_str(&g.payload).unwrap();
+        during.push(v["ts"].as_i64().unwrap());
+    }
+    s.end_outage();
+    let last = *during.last().unwrap();
+    s.wait_for("the sub-device's backlog", WAIT, |st| {
+        st.packed_values()
+            .iter()
+            .any(|(_, dev, _, _, t)| dev == "meter-1" && *t >= last)
+            .then_some(())
+    })
+    .await;
+    {
+        let st = s.state();
+        let posted: Vec<i64> = st.packed_values().iter().map(|e| e.4).collect();
+        for ts in &during {
+            assert!(posted.contains(ts), "reading at {ts} lost");
+        }
+        assert!(
+            !st.history_posts().is_empty(),
+            "history used for the backlog"
+        );
+        assert!(
+            st.sub_replies.iter().all(|(_, c, _)| *c == 200),
+            "{:?}",
+            st.sub_replies
+        );
+        assert_eq!(
+            st.max_posts_within(Duration::from_millis(950)),
+            1,
+            "over 1 msg/s"
+        );
+    }
+    gw.shutdown().await;
+}

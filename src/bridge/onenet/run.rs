@@ -840,15 +840,32 @@ impl Connection {
         asked: usize,
         now: Instant,
     ) -> bool {
-        let post_topic = self.topics.property_post();
+        // A run of the same kind: the gateway's property posts, or
+        // sub-device packs (at most 10 sub-devices per history message).
+        let Some(kind) = peeked.first().map(|m| m.topic.clone()) else {
+            return false;
+        };
+        let packs = kind == self.topics.pack_post();
+        if kind != self.topics.property_post() && !packs {
+            return false;
+        }
         let mut run: Vec<&QueuedMessage> = Vec::new();
         let mut bytes = 0;
+        let mut devices = std::collections::BTreeSet::new();
         for m in peeked {
-            if m.topic != post_topic
+            if m.topic != kind
                 || run.len() == HISTORY_MAX
                 || bytes + m.payload.len() > HISTORY_BYTES
             {
                 break;
+            }
+            if packs {
+                let mut more = devices.clone();
+                more.extend(sub::pack_identities(&m.payload));
+                if more.len() > sub::MAX_DEVICES_PER_PACK {
+                    break;
+                }
+                devices = more;
             }
             bytes += m.payload.len();
             run.push(m);
@@ -860,12 +877,17 @@ impl Connection {
         if run.len() < 2 {
             return false;
         }
-        let posts: Vec<PropertyPost> = run
-            .iter()
-            .filter_map(|m| PropertyPost::parse(&m.payload).ok())
-            .collect();
         let id = self.history_ids.next_id();
-        let (payload, props) = thing::history_post(&id, &posts);
+        let (payload, props) = if packs {
+            let payloads: Vec<&[u8]> = run.iter().map(|m| m.payload.as_ref()).collect();
+            sub::history_from_packs(&id, &payloads)
+        } else {
+            let posts: Vec<PropertyPost> = run
+                .iter()
+                .filter_map(|m| PropertyPost::parse(&m.payload).ok())
+                .collect();
+            thing::history_post(&id, &posts)
+        };
         let qos = match run[0].qos {
             Qos::ExactlyOnce => Qos::AtLeastOnce,
             q => q,

@@ -135,6 +135,68 @@ pub fn pack_posts(ids: &mut IdCounter, devices: &BTreeMap<Identity, Batch>) -> V
     packs
 }
 
+/// The sub-devices a `pack/post` payload carries.
+pub fn pack_identities(payload: &[u8]) -> Vec<Identity> {
+    let Ok(j) = serde_json::from_slice::<Json>(payload) else {
+        return Vec::new();
+    };
+    j["params"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| Identity {
+            product_id: e["identity"]["productID"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            device_name: e["identity"]["deviceName"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        })
+        .collect()
+}
+
+/// `thing/history/post` with the values of several queued `pack/post`
+/// messages, one entry per sub-device, each value with its own time.
+/// Returns the payload and its `product/device/prop` labels.
+pub fn history_from_packs(id: &str, packs: &[&[u8]]) -> (Vec<u8>, Vec<String>) {
+    let mut devices: BTreeMap<Identity, BTreeMap<String, Vec<Json>>> = BTreeMap::new();
+    for payload in packs {
+        let Ok(j) = serde_json::from_slice::<Json>(payload) else {
+            continue;
+        };
+        for e in j["params"].as_array().into_iter().flatten() {
+            let who = Identity {
+                product_id: e["identity"]["productID"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                device_name: e["identity"]["deviceName"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            };
+            let props = devices.entry(who).or_default();
+            for (k, v) in e["properties"].as_object().into_iter().flatten() {
+                props.entry(k.clone()).or_default().push(v.clone());
+            }
+        }
+    }
+    let mut labels = Vec::new();
+    let params: Vec<Json> = devices
+        .into_iter()
+        .map(|(who, mut props)| {
+            for (k, values) in props.iter_mut() {
+                values.sort_by_key(|v| v["time"].as_i64().unwrap_or(0));
+                labels.push(format!("{}/{k}", who.label()));
+            }
+            json!({"identity": who.json(), "properties": props})
+        })
+        .collect();
+    (message(id, Json::Array(params)), labels)
+}
+
 /// The id of a `pack/post` payload and its `product/device/prop` labels.
 pub fn pack_labels(payload: &[u8]) -> Option<(String, Vec<String>)> {
     let j: Json = serde_json::from_slice(payload).ok()?;
@@ -203,6 +265,35 @@ mod tests {
             login,
             json!({"id":"6","version":"1.0","params":{"productID":"123123","deviceName":"mydev"}})
         );
+    }
+
+    #[test]
+    fn queued_packs_merge_into_history_per_sub_device() {
+        let pack = |v: i64, t: i64| {
+            let mut devices = BTreeMap::new();
+            let mut b = Batch::new();
+            b.insert(
+                "e".to_string(),
+                vec![Sample {
+                    value: json!(v),
+                    time: t,
+                }],
+            );
+            devices.insert(who(1), b);
+            pack_posts(&mut IdCounter::default(), &devices)
+                .remove(0)
+                .payload
+        };
+        let (a, b) = (pack(1, 100), pack(2, 200));
+        assert_eq!(pack_identities(&a), [who(1)]);
+        let (payload, labels) = history_from_packs("7", &[&a, &b]);
+        let j: Json = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            j["params"],
+            json!([{"identity":{"productID":"p","deviceName":"d01"},
+                    "properties":{"e":[{"value":1,"time":100},{"value":2,"time":200}]}}])
+        );
+        assert_eq!(labels, ["p/d01/e"]);
     }
 
     #[test]

@@ -188,11 +188,18 @@ impl State {
 
     /// `(product, device, property, value, time)` of every pack/post entry.
     pub fn packed_values(&self) -> Vec<(String, String, String, Json, i64)> {
-        let st = self;
         let mut out = Vec::new();
-        for r in st.topics_ending("/thing/pack/post") {
+        // pack/post entries, and history/post entries with an identity
+        // (a sub-device backlog), in arrival order.
+        let msgs = self.published.iter().filter(|r| {
+            r.topic.ends_with("/thing/pack/post") || r.topic.ends_with("/thing/history/post")
+        });
+        for r in msgs {
             let j = r.json();
             for e in j["params"].as_array().cloned().unwrap_or_default() {
+                if !e["identity"].is_object() {
+                    continue;
+                }
                 let pid = e["identity"]["productID"]
                     .as_str()
                     .unwrap_or("")
@@ -201,15 +208,14 @@ impl State {
                     .as_str()
                     .unwrap_or("")
                     .to_string();
-                if let Some(props) = e["properties"].as_object() {
-                    for (k, v) in props {
-                        out.push((
-                            pid.clone(),
-                            dev.clone(),
-                            k.clone(),
-                            v["value"].clone(),
-                            v["time"].as_i64().unwrap_or(0),
-                        ));
+                for (k, v) in e["properties"].as_object().into_iter().flatten() {
+                    let values = match v {
+                        Json::Array(a) => a.clone(),
+                        one => vec![one.clone()],
+                    };
+                    for v in values {
+                        let t = v["time"].as_i64().unwrap_or(0);
+                        out.push((pid.clone(), dev.clone(), k.clone(), v["value"].clone(), t));
                     }
                 }
             }
