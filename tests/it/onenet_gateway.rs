@@ -98,8 +98,11 @@ mappings:
         .iter()
         .find(|b| b.name == "cloud")
         .expect("listed");
-    assert!(running.status.borrow().connected);
-    assert!(running.status.borrow().forwarded >= 1);
+    let mut live = running.status.clone();
+    tokio::time::timeout(WAIT, live.wait_for(|st| st.connected && st.forwarded >= 1))
+        .await
+        .expect("live status: connected with a post acknowledged")
+        .unwrap();
     {
         let st = s.state();
         let c = &st.connects[0];
