@@ -1,6 +1,15 @@
-//! China Mobile OneNET: the device token, its topics under
-//! `$sys/{pid}/{dev}/`, OneJSON thing-model payloads and the older
-//! data-stream payloads, and batching to OneNET's one message per second.
+//! China Mobile OneNET, natively. Where things are:
+//!
+//! - the wire: [`token`] (the MQTT password), [`topics`] (everything under
+//!   `$sys/{pid}/{dev}/`), [`thing`] (OneJSON posts, replies, property
+//!   set/get, history), [`datastream`] (older `dp/post/json` and `cmd`),
+//!   [`sub`] (sub-devices: topo/add, login, pack/post);
+//! - the bookkeeping, free of I/O: [`batch`] (local payload -> timed value,
+//!   windows), [`uplink`] (pace, post replies per property), [`downlink`]
+//!   (answering each request once: 200, error or timeout), [`connect`]
+//!   (CONNECT credentials, token refresh, the bundled CA);
+//! - the running bridge: [`run`] (intake and connection tasks on the
+//!   bridge's durable queue, started by `bridge::start_all`).
 
 pub mod batch;
 pub mod connect;
