@@ -88,6 +88,7 @@ impl Bus {
 
     /// Publishes a message; waits while the bus is saturated.
     pub async fn publish(&self, msg: Message) {
+        crate::ops::metrics::bus_message();
         if self.publish_tx.send(msg).await.is_err() {
             tracing::debug!("bus closed; message dropped at shutdown");
         }

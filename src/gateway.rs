@@ -14,8 +14,11 @@ use crate::bridge::{self, RunningBridge, StartError};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bus::{Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
-use crate::drivers::{self, Devices, DriverContext, DriverError};
+use crate::drivers::units::{DeviceChanges, DriverUnits};
+use crate::drivers::{Devices, DriverContext, DriverError};
 use crate::model::Message;
+use crate::ops::health::{HealthProbe, Summary};
+use crate::ops::reload::{self, ConfigReload};
 use crate::pipeline::rules::{ReloadReport, RuleError, RuleErrors, Rules, RulesRuntime};
 use crate::pipeline::{self, mapping::Mappings};
 use crate::status::Status;
@@ -41,11 +44,16 @@ pub struct Gateway {
     config: Config,
     broker: Option<Arc<EmbeddedBroker>>,
     bus: Bus,
-    devices: Devices,
+    /// The driver tasks, by unit, with the command routes to them.
+    units: DriverUnits,
+    /// Shared with the pipeline; a reload replaces the set inside.
+    mappings: Mappings,
+    /// The `commands:` subscription; a reload that changes it restarts it.
+    commands: Option<JoinHandle<()>>,
     status: Status,
     shutdown: CancellationToken,
-    tasks: TaskTracker,
     pipeline: JoinHandle<()>,
+    probe: HealthProbe,
     rules: Option<Arc<RulesRuntime>>,
     bridges: Vec<RunningBridge>,
     /// Bridges stop after the pipeline drained, so its last messages are
@@ -82,40 +90,41 @@ impl Gateway {
         };
         let status = Status::new(&id, bus.clone());
         status.gateway(true).await;
+        let probe = HealthProbe::new(&bus, &id).await?;
 
         // Bridges subscribe before any driver runs, so no reading is missed.
         let bridge_shutdown = CancellationToken::new();
         let bridges = bridge::start_all(&config, &bus, &bridge_shutdown).await?;
 
         let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
         let (readings_tx, readings_rx) = mpsc::channel(pipeline::READING_QUEUE);
-        let mappings = Arc::new(Mappings::new(&config.mappings, &id));
+        // Clones share one set: a reload replaces it for the pipeline and
+        // the rules thread at once.
+        let mappings = Mappings::new(&config.mappings, &id);
         let ctx = DriverContext {
             readings: readings_tx,
             status: status.clone(),
             shutdown: shutdown.child_token(),
-            tasks: tasks.clone(),
+            tasks: TaskTracker::new(),
         };
         // Drivers may send before the pipeline runs: their batches wait in
         // the channel.
-        let devices = match drivers::spawn_all(&config, &ctx) {
-            Ok(d) => d,
+        let units = match DriverUnits::start(&config.devices, ctx) {
+            Ok(u) => u,
             Err(e) => {
                 shutdown.cancel();
                 bridge_shutdown.cancel();
                 return Err(e.into());
             }
         };
-        drop(ctx);
         let rules = match rules {
             Some(r) => Some(
                 RulesRuntime::start(
                     r,
                     &config,
-                    mappings.clone(),
+                    Arc::new(mappings.clone()),
                     bus.clone(),
-                    devices.clone(),
+                    units.devices().clone(),
                     status.clone(),
                 )
                 .await
@@ -129,28 +138,77 @@ impl Gateway {
         };
         let pipeline = tokio::spawn(pipeline::run(
             readings_rx,
-            mappings,
+            Arc::new(mappings.clone()),
             bus.clone(),
             rules.clone(),
         ));
-        if let Err(e) = pipeline::commands::run(&config, bus.clone(), devices.clone()).await {
-            shutdown.cancel();
-            bridge_shutdown.cancel();
-            return Err(e.into());
-        }
+        let commands =
+            match pipeline::commands::run(&config, bus.clone(), units.devices().clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    shutdown.cancel();
+                    bridge_shutdown.cancel();
+                    return Err(e.into());
+                }
+            };
         tracing::info!(gateway = %id, devices = config.devices.len(), "gateway started");
         Ok(Gateway {
             config,
             broker,
             bus,
-            devices,
+            units,
+            mappings,
+            commands,
             status,
             shutdown,
-            tasks,
             pipeline,
+            probe,
             rules,
             bridges,
             bridge_shutdown,
+        })
+    }
+
+    /// Applies a new, valid config (SIGHUP). Devices whose settings did
+    /// not change keep running untouched (a shared serial bus keeps
+    /// polling as long as none of its devices changed); changed ones
+    /// restart; mappings and commands switch over at once. Settings that
+    /// only a restart can apply (`gateway`, `broker`, `metrics`) keep their
+    /// running values and are listed in the report. On an error nothing
+    /// has changed.
+    pub async fn reload(&mut self, new: Config) -> Result<ConfigReload, GatewayError> {
+        let (new, needs_restart) = reload::split_live(&self.config, new);
+        DriverUnits::check(&new.devices)?;
+        let devices = if new.devices == self.config.devices {
+            DeviceChanges {
+                unchanged: new.devices.iter().map(|d| d.name.clone()).collect(),
+                ..DeviceChanges::default()
+            }
+        } else {
+            self.units.apply(&new.devices).await?
+        };
+        let mappings_changed = new.mappings != self.config.mappings;
+        if mappings_changed {
+            self.mappings.replace(&new.mappings);
+        }
+        // Command routes carry the points' types: restart on either.
+        let commands_changed =
+            new.commands != self.config.commands || new.devices != self.config.devices;
+        if commands_changed {
+            if let Some(old) = self.commands.take() {
+                old.abort();
+                let _ = old.await;
+            }
+            self.commands =
+                pipeline::commands::run(&new, self.bus.clone(), self.units.devices().clone())
+                    .await?;
+        }
+        self.config = new;
+        Ok(ConfigReload {
+            devices,
+            mappings_changed,
+            commands_changed: commands_changed && !self.config.commands.is_empty(),
+            needs_restart,
         })
     }
 
@@ -178,7 +236,7 @@ impl Gateway {
     }
 
     pub fn devices(&self) -> &Devices {
-        &self.devices
+        self.units.devices()
     }
 
     pub fn status(&self) -> &Status {
@@ -206,15 +264,51 @@ impl Gateway {
             .map(|(a, _)| a)
     }
 
+    /// Client connections on the embedded broker (`None` with an external
+    /// broker).
+    pub fn broker_connections(&self) -> Option<usize> {
+        self.broker.as_ref().map(|b| b.connections())
+    }
+
+    /// Checks every component, publishes the summary on
+    /// `edgebridge/<id>/health` and waits up to `within` for it to come
+    /// back through the bus.
+    pub async fn health(&self, within: Duration) -> Summary {
+        let mut problems = Vec::new();
+        if let Some(b) = &self.broker {
+            for addr in b.dead_listeners() {
+                problems.push(format!("listener {addr} stopped"));
+            }
+        }
+        if self.pipeline.is_finished() {
+            problems.push("the pipeline stopped".to_string());
+        }
+        let states = self.status.devices();
+        let offline: Vec<String> = self
+            .config
+            .devices
+            .iter()
+            .filter(|d| states.get(&d.name) != Some(&true))
+            .map(|d| d.name.clone())
+            .collect();
+        let summary = Summary {
+            healthy: problems.is_empty(),
+            problems,
+            devices_online: self.config.devices.len() - offline.len(),
+            devices_total: self.config.devices.len(),
+            devices_offline: offline,
+            uptime_seconds: 0,
+            seq: 0,
+        };
+        self.probe.round_trip(&self.bus, summary, within).await
+    }
+
     /// Stops the drivers, lets in-flight readings drain, publishes
     /// `offline`, and closes the listeners; bounded to about a second.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(Duration::from_millis(800), self.tasks.wait())
-            .await
-            .is_err()
-        {
+        // Also drops the last readings sender, so the pipeline can end.
+        if !self.units.stop(Duration::from_millis(800)).await {
             tracing::warn!("some devices did not stop within 800ms");
         }
         // Drivers are gone, so the pipeline ends once it has drained.

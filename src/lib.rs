@@ -9,5 +9,6 @@ pub mod config;
 pub mod drivers;
 pub mod gateway;
 pub mod model;
+pub mod ops;
 pub mod pipeline;
 pub mod status;

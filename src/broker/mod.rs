@@ -151,6 +151,25 @@ impl EmbeddedBroker {
         (self.links)(client_id, clean)
     }
 
+    /// Client connections open on the listeners right now. rumqttd does not
+    /// count them for us (its meters need its own `start()`), so this asks
+    /// the kernel's socket table.
+    pub fn connections(&self) -> usize {
+        let ports: Vec<u16> = self.listeners.iter().map(|(a, _)| a.port()).collect();
+        established_on(&ports)
+    }
+
+    /// Listeners whose server task has ended although nobody closed them.
+    pub fn dead_listeners(&self) -> Vec<SocketAddr> {
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers
+            .iter()
+            .zip(&self.listeners)
+            .filter(|(s, _)| s.is_finished())
+            .map(|(_, (addr, _))| *addr)
+            .collect()
+    }
+
     /// Closes every listener. Connected clients' tasks end with the runtime.
     pub fn close_listeners(&self) {
         // A poisoned lock only means a panic elsewhere; the handles are fine.
@@ -210,6 +229,29 @@ async fn wait_listening(addr: SocketAddr, task: &JoinHandle<()>) -> Result<(), B
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Established TCP connections whose local port is one of `ports`
+/// (Linux `/proc/net/tcp{,6}`): the clients of the embedded broker.
+fn established_on(ports: &[u16]) -> usize {
+    const ESTABLISHED: &str = "01";
+    let suffixes: Vec<String> = ports.iter().map(|p| format!(":{p:04X}")).collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let mut cols = line.split_whitespace();
+                    let local = cols.nth(1).unwrap_or_default();
+                    let state = cols.nth(1).unwrap_or_default();
+                    state == ESTABLISHED && suffixes.iter().any(|s| local.ends_with(s.as_str()))
+                })
+                .count()
+        })
+        .sum()
 }
 
 /// Is some socket listening on `addr`'s port? (Linux `/proc/net/tcp{,6}`.)

@@ -6,6 +6,7 @@ mod read;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -13,6 +14,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::ops::metrics;
+use crate::ops::service::ServiceManager;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +53,11 @@ pub enum Command {
     /// configured device (`--device NAME`), or raw registers from a port
     /// (`--port` or `--tcp`) decoded as every type in every byte order.
     Read(read::ReadArgs),
+    /// Config helpers.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Work with the rhai rules.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -65,6 +73,21 @@ pub enum RulesCommand {
         files: Vec<PathBuf>,
     },
 }
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Print the shipped config.yaml (the solar-site example).
+    Default,
+}
+
+/// The config.yaml shipped with edgebridge (`/etc/edgebridge/config.yaml`
+/// in the package).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config.yaml");
+
+/// The longest time between two health checks (and watchdog pings).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+/// How often gauges that nobody pushes (broker connections) are sampled.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Exit status for a config that does not load.
 pub const EXIT_CONFIG: u8 = 2;
@@ -83,6 +106,12 @@ pub fn main() -> ExitCode {
         Command::Check => check(&cli.config),
         Command::Passwd { user } => report(passwd(&user)),
         Command::Read(args) => read::main(&cli.config, &args),
+        Command::Config {
+            action: ConfigAction::Default,
+        } => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
         Command::Rules(RulesCommand::Test { files }) => rules_test(&cli.config, files),
         Command::Onenet { command } => report(onenet::run(&cli.config, command)),
     }
@@ -225,38 +254,146 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(async move { report(serve(config).await) });
+    let code = runtime.block_on(async move { report(serve(config, path).await) });
     // The broker's router thread never ends; do not wait for it.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     code
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let gateway = Gateway::start(config)
+    let service = ServiceManager::from_env();
+    // Before the gateway, so that its start is counted too.
+    let endpoint = match &config.metrics {
+        Some(m) => Some(metrics::install(m).context("starting the metrics endpoint")?),
+        None => None,
+    };
+    let mut gateway = Gateway::start(config)
         .await
         .context("starting the gateway")?;
+    service.ready(&serving(&gateway));
+    // Health checks publish `edgebridge/<id>/health` and, only while the
+    // gateway is healthy, ping the systemd watchdog from this loop.
+    let every = service.check_interval(HEALTH_INTERVAL);
+    let mut health = tokio::time::interval(every);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Consecutive failed checks; one alone (e.g. an external broker still
+    // connecting) is only a warning.
+    let mut failures = 0u32;
+    let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
     loop {
         tokio::select! {
-            _ = term.recv() => {
-                tracing::info!("SIGTERM: shutting down");
-                break;
+            _ = gauges.tick(), if endpoint.is_some() => {
+                if let Some(n) = gateway.broker_connections() {
+                    metrics::broker_connections(n);
+                }
             }
-            _ = int.recv() => {
-                tracing::info!("SIGINT: shutting down");
-                break;
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => {
+                service.reloading();
+                reload(&mut gateway, path).await;
+                service.ready(&serving(&gateway));
             }
-            // The rules thread logs the outcome: the kept and restarted
-            // files, or each compile error with file:line:col.
-            _ = hup.recv() => if gateway.reload_rules().await.is_none() {
-                tracing::info!("SIGHUP: no rules configured, nothing to reload");
-            },
+            _ = health.tick() => {
+                let summary = gateway.health((every / 2).min(Duration::from_secs(5))).await;
+                if summary.healthy {
+                    service.watchdog_ping();
+                    if failures >= 2 {
+                        tracing::info!("healthy again");
+                    }
+                    failures = 0;
+                } else {
+                    failures += 1;
+                    match failures {
+                        1 => tracing::warn!(problems = ?summary.problems, "health check failed"),
+                        2 => tracing::error!(problems = ?summary.problems, "unhealthy: the watchdog is no longer pinged"),
+                        _ => {}
+                    }
+                }
+            }
         }
     }
+    service.stopping();
     gateway.shutdown().await;
+    if let Some(e) = endpoint {
+        e.stop();
+    }
     Ok(())
+}
+
+/// The status line systemd shows.
+fn serving(gateway: &Gateway) -> String {
+    format!(
+        "serving: {} device(s), {} listener(s)",
+        gateway.config().devices.len(),
+        gateway.listeners().len()
+    )
+}
+
+/// SIGHUP: reads the config file again and applies it, then recompiles the
+/// rules. A config that does not load is rejected with every problem
+/// logged, and the running config and rules stay.
+async fn reload(gateway: &mut Gateway, path: &Path) {
+    if reload_config(gateway, path).await {
+        // The rules thread logs the outcome: the kept and restarted files,
+        // or each compile error with file:line:col.
+        if gateway.reload_rules().await.is_none() {
+            tracing::debug!("no rules configured, no rules to reload");
+        }
+    }
+}
+
+/// `false` when the config was rejected.
+async fn reload_config(gateway: &mut Gateway, path: &Path) -> bool {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!(
+                problems = errors.0.len(),
+                "config rejected; the running config stays"
+            );
+            metrics::reload(false);
+            return false;
+        }
+    };
+    match gateway.reload(new).await {
+        Ok(r) => {
+            metrics::reload(true);
+            if !r.needs_restart.is_empty() {
+                tracing::warn!(
+                    keys = ?r.needs_restart,
+                    "these settings changed but apply only after a restart (systemctl restart edgebridge)"
+                );
+            }
+            if r.is_noop() {
+                tracing::info!("config reloaded: nothing changed");
+            } else {
+                let d = &r.devices;
+                tracing::info!(
+                    restarted = ?d.restarted,
+                    started = ?d.started,
+                    stopped = ?d.stopped,
+                    unchanged = d.unchanged.len(),
+                    mappings_changed = r.mappings_changed,
+                    commands_changed = r.commands_changed,
+                    "config reloaded"
+                );
+            }
+        }
+        Err(e) => {
+            metrics::reload(false);
+            tracing::error!(error = %e, "config rejected; the running config stays");
+            return false;
+        }
+    }
+    true
 }
 
 fn passwd(user: &str) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ pub enum MqttProtocol {
     Mqtt5,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeConfig {
     pub name: String,
@@ -76,7 +76,7 @@ fn default_max_packet_size() -> ByteSize {
 }
 
 /// A last will: published by the remote broker when the bridge disappears.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WillConfig {
     /// Remote topic (no wildcards).
@@ -92,7 +92,7 @@ pub struct WillConfig {
 /// Reconnect backoff: the delay doubles from `min` up to `max`, each delay
 /// jittered into its upper half so that many gateways do not reconnect in
 /// step.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconnectConfig {
     /// First delay after a failed attempt.
@@ -120,7 +120,7 @@ fn default_reconnect_max() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeTls {
     /// PEM CA certificates to trust instead of the system roots.
@@ -134,7 +134,7 @@ pub struct BridgeTls {
     pub key: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicRoute {
     /// An MQTT filter.
@@ -145,7 +145,7 @@ pub struct TopicRoute {
     pub qos: QosLevel,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Past this the oldest messages are dropped (and counted).
@@ -195,7 +195,7 @@ pub enum OneNetMode {
     Datastream,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OneNetConfig {
     /// The product id from the OneNET console (the MQTT username).
@@ -242,7 +242,7 @@ pub struct OneNetConfig {
 }
 
 /// A OneNET sub-device behind this gateway.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubDeviceConfig {
     /// The sub-device's product id (its product's node type is
@@ -280,7 +280,7 @@ fn default_onenet_qos() -> QosLevel {
     QosLevel(crate::model::Qos::AtLeastOnce)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PropertyRoute {
     /// Local topic filter.

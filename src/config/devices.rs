@@ -43,7 +43,7 @@ pub enum Parity {
     Odd,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     /// `{device}` in topics; letters, digits, `_` and `-`.
@@ -171,7 +171,7 @@ pub enum Wave {
     Constant,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PointConfig {
     /// `{point}` in topics.

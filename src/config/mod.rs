@@ -25,7 +25,7 @@ pub use source::{substitute_env, Locator, UnsetVar};
 pub use values::{ByteSize, QosLevel, Secret};
 
 /// The whole config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Identity and data directory of this gateway.
@@ -48,13 +48,16 @@ pub struct Config {
     /// Cloud bridges.
     #[serde(default)]
     pub bridges: Vec<BridgeConfig>,
+    /// The Prometheus endpoint; off unless given.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Where the config was read from; relative paths in it are relative to
     /// this file's folder.
     #[serde(skip)]
     pub source: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Used in status topics: `edgebridge/<id>/...`.
@@ -68,7 +71,7 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// `false`: connect to `external` instead of embedding a broker.
@@ -134,7 +137,7 @@ pub enum ListenerProtocol {
     Ws,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `address:port`; port 0 picks a free port.
@@ -144,7 +147,7 @@ pub struct ListenerConfig {
     pub tls: Option<ListenerTls>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     /// PEM certificate chain.
@@ -153,7 +156,7 @@ pub struct ListenerTls {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub username: String,
@@ -184,7 +187,7 @@ impl<'de> Deserialize<'de> for PayloadFormat {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingConfig {
     /// `device/point`; `*` matches one segment.
@@ -212,7 +215,7 @@ pub struct MappingConfig {
     pub unit: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     /// Every `*.rhai` file here is loaded, in name order.
@@ -226,7 +229,16 @@ fn default_rule_deadline() -> Duration {
     Duration::from_millis(10)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `address:port` of the HTTP endpoint serving Prometheus text
+    /// (`/metrics`). It has no login: keep it on loopback or a trusted
+    /// interface.
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {
     /// Local topic (no wildcards) whose messages become writes.

@@ -48,7 +48,32 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     commands(config, &mut p);
     rules(config, &mut p);
     bridges(config, &mut p);
+    metrics(config, &mut p);
     p.0
+}
+
+fn metrics(config: &Config, p: &mut Problems) {
+    let Some(m) = &config.metrics else { return };
+    if m.bind.port() == 0 {
+        p.add("metrics.bind", "needs a port for Prometheus to scrape");
+    }
+    if !config.broker.enabled {
+        return;
+    }
+    if let Some(i) = config
+        .broker
+        .listeners
+        .iter()
+        .position(|l| l.bind.port() == m.bind.port())
+    {
+        p.add(
+            "metrics.bind",
+            format!(
+                "port {} is also used by broker.listeners[{i}]",
+                m.bind.port()
+            ),
+        );
+    }
 }
 
 fn broker(config: &Config, p: &mut Problems) {

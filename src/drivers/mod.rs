@@ -5,16 +5,17 @@
 pub mod modbus;
 pub mod serial_line;
 pub mod simulator;
+pub mod units;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DriverKind};
+use crate::config::{Config, DeviceConfig, DriverKind};
 use crate::model::{Command, CommandResult, ReadingBatch, Value};
 use crate::status::Status;
 
@@ -41,16 +42,34 @@ pub struct DriverContext {
     pub tasks: TaskTracker,
 }
 
-/// Routes commands to the driver task that owns each device.
+/// Command senders by device name.
+pub type Senders = HashMap<String, mpsc::Sender<Command>>;
+
+/// Routes commands to the driver task that owns each device. A config
+/// reload swaps the routes of restarted devices in place, so every clone
+/// (commands, rules) follows.
 #[derive(Clone, Default)]
 pub struct Devices {
-    senders: Arc<HashMap<String, mpsc::Sender<Command>>>,
+    // A std lock: held only to clone a sender, never across an await.
+    senders: Arc<RwLock<Senders>>,
 }
 
 impl Devices {
     /// Writes `value` to `device/point` and waits for the driver's answer.
     pub async fn write(&self, device: &str, point: &str, value: Value) -> CommandResult {
-        let Some(tx) = self.senders.get(device) else {
+        let result = self.write_inner(device, point, value).await;
+        crate::ops::metrics::command(device, result.is_ok());
+        result
+    }
+
+    async fn write_inner(&self, device: &str, point: &str, value: Value) -> CommandResult {
+        let tx = self
+            .senders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .cloned();
+        let Some(tx) = tx else {
             return Err(format!("no device named `{device}`"));
         };
         let (reply, answer) = oneshot::channel();
@@ -74,11 +93,37 @@ impl Devices {
     }
 }
 
+impl Devices {
+    pub fn new(senders: Senders) -> Devices {
+        Devices {
+            senders: Arc::new(RwLock::new(senders)),
+        }
+    }
+
+    /// Routes `device` to a new driver task, or nowhere (`None`).
+    pub fn set_route(&self, device: &str, sender: Option<mpsc::Sender<Command>>) {
+        let mut map = self.senders.write().unwrap_or_else(|e| e.into_inner());
+        match sender {
+            Some(s) => map.insert(device.to_string(), s),
+            None => map.remove(device),
+        };
+    }
+}
+
 /// Starts a task for every configured device.
 pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, DriverError> {
+    spawn_devices(&config.devices, ctx).map(Devices::new)
+}
+
+/// Starts the driver tasks for `devices` (one task per device, or per
+/// shared port); their command senders by device name.
+pub fn spawn_devices(
+    devices: &[DeviceConfig],
+    ctx: &DriverContext,
+) -> Result<Senders, DriverError> {
     let mut senders = HashMap::new();
     let mut modbus_devices = Vec::new();
-    for dev in &config.devices {
+    for dev in devices {
         if dev.driver.is_modbus() {
             // Devices sharing a serial port share one task: spawned below.
             modbus_devices.push(dev);
@@ -98,9 +143,20 @@ pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, Driver
         senders.insert(dev.name.clone(), tx);
     }
     senders.extend(modbus::spawn(&modbus_devices, ctx));
-    Ok(Devices {
-        senders: Arc::new(senders),
-    })
+    Ok(senders)
+}
+
+/// Fails like [`spawn_devices`] would, without starting anything.
+pub fn check_devices(devices: &[DeviceConfig]) -> Result<(), DriverError> {
+    for dev in devices {
+        match dev.driver {
+            DriverKind::Simulator
+            | DriverKind::SerialLine
+            | DriverKind::ModbusRtu
+            | DriverKind::ModbusTcp => {}
+        }
+    }
+    Ok(())
 }
 
 /// Answers a command, if anybody waits for the answer.

@@ -79,10 +79,16 @@ struct Route {
     result_topic: String,
 }
 
-/// Subscribes to every command topic and serves them until the bus closes.
-pub async fn run(config: &Config, bus: Bus, devices: Devices) -> Result<(), crate::bus::BusError> {
+/// Subscribes to every command topic and serves them until the bus closes
+/// or the returned task is aborted (a config reload); `None` when there
+/// are no commands.
+pub async fn run(
+    config: &Config,
+    bus: Bus,
+    devices: Devices,
+) -> Result<Option<tokio::task::JoinHandle<()>>, crate::bus::BusError> {
     if config.commands.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let routes: HashMap<String, Route> = config
         .commands
@@ -110,8 +116,7 @@ pub async fn run(config: &Config, bus: Bus, devices: Devices) -> Result<(), crat
         .map(|t| (t.clone(), Qos::AtLeastOnce))
         .collect();
     let sub: Subscription = bus.subscribe("edgebridge-commands", &filters).await?;
-    tokio::spawn(serve(sub, routes, bus, devices));
-    Ok(())
+    Ok(Some(tokio::spawn(serve(sub, routes, bus, devices))))
 }
 
 async fn serve(mut sub: Subscription, routes: HashMap<String, Route>, bus: Bus, devices: Devices) {

@@ -2,6 +2,7 @@
 //! once at start; applying a mapping only fills in the parts.
 
 use std::fmt::Write;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
@@ -116,10 +117,13 @@ enum Payload {
     Template(Template),
 }
 
-/// All mappings of a config, in order.
+/// All mappings of a config, in order. Clones share one set, which a
+/// config reload replaces with [`Mappings::replace`]: every holder (the
+/// pipeline, the rules thread) applies the new set from its next reading.
 #[derive(Debug, Clone)]
 pub struct Mappings {
-    list: Vec<Mapping>,
+    // A std lock: held only to clone the `Arc`, never across an await.
+    current: Arc<RwLock<Arc<Vec<Mapping>>>>,
     gateway: String,
 }
 
@@ -127,32 +131,27 @@ impl Mappings {
     pub fn new(configs: &[MappingConfig], gateway_id: &str) -> Mappings {
         Mappings {
             gateway: gateway_id.to_string(),
-            list: configs
-                .iter()
-                .map(|m| Mapping {
-                    pattern: Pattern::parse(&m.pattern),
-                    topic: Template::parse(&m.topic),
-                    payload: match &m.payload {
-                        PayloadFormat::Value => Payload::Value,
-                        PayloadFormat::Json => Payload::Json,
-                        PayloadFormat::Template(t) => Payload::Template(Template::parse(t)),
-                    },
-                    qos: m.qos.0,
-                    retain: m.retain,
-                    continue_matching: m.continue_matching,
-                    scale: m.scale,
-                    decimals: m.decimals,
-                    unit: m.unit.clone(),
-                })
-                .collect(),
+            current: Arc::new(RwLock::new(Arc::new(compile(configs)))),
         }
+    }
+
+    /// Replaces the set for every clone of this `Mappings`.
+    pub fn replace(&self, configs: &[MappingConfig]) {
+        let list = Arc::new(compile(configs));
+        // A poisoned lock only means a panic elsewhere; the value is whole.
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
     /// Appends the messages for `r` to `out`: first match wins unless the
     /// mapping says `continue: true`. A reading of bad quality is only
     /// published by `json` mappings, with its error.
     pub fn apply(&self, r: &Reading, out: &mut Vec<Message>) {
-        for m in &self.list {
+        let list = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for m in list.iter() {
             if !m.pattern.matches(r) {
                 continue;
             }
@@ -164,6 +163,27 @@ impl Mappings {
             }
         }
     }
+}
+
+fn compile(configs: &[MappingConfig]) -> Vec<Mapping> {
+    configs
+        .iter()
+        .map(|m| Mapping {
+            pattern: Pattern::parse(&m.pattern),
+            topic: Template::parse(&m.topic),
+            payload: match &m.payload {
+                PayloadFormat::Value => Payload::Value,
+                PayloadFormat::Json => Payload::Json,
+                PayloadFormat::Template(t) => Payload::Template(Template::parse(t)),
+            },
+            qos: m.qos.0,
+            retain: m.retain,
+            continue_matching: m.continue_matching,
+            scale: m.scale,
+            decimals: m.decimals,
+            unit: m.unit.clone(),
+        })
+        .collect()
 }
 
 impl Mapping {
@@ -232,7 +252,6 @@ impl Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn reading(device: &str, point: &str, value: Value) -> Reading {
         Reading {
@@ -314,5 +333,17 @@ mod tests {
             apply(&m, &reading("pv", "sunshine", Value::Bool(true)))[0].1,
             "true"
         );
+    }
+
+    #[test]
+    fn replace_reaches_every_clone() {
+        let m = mappings("- { match: a/p, topic: old }");
+        let held_elsewhere = m.clone();
+        let r = reading("a", "p", Value::Int(1));
+        assert_eq!(apply(&held_elsewhere, &r), [("old".into(), "1".into())]);
+        let new: Vec<MappingConfig> =
+            serde_yaml::from_str("- { match: a/p, topic: 'new/{device}' }").unwrap();
+        m.replace(&new);
+        assert_eq!(apply(&held_elsewhere, &r), [("new/a".into(), "1".into())]);
     }
 }

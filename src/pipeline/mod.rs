@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::bus::Bus;
 use crate::model::ReadingBatch;
+use crate::ops::metrics;
 use mapping::Mappings;
 use rules::RulesRuntime;
 
@@ -30,6 +31,10 @@ pub async fn run(
 ) {
     let mut out = Vec::with_capacity(64);
     while let Some(batch) = readings.recv().await {
+        if let Some(first) = batch.first() {
+            // A batch is one poll of one device.
+            metrics::readings(&first.device, batch.len());
+        }
         let batch = match &rules {
             Some(rules) => match rules.offer(batch) {
                 Ok(()) => continue,
@@ -40,6 +45,7 @@ pub async fn run(
         for r in &batch {
             mappings.apply(r, &mut out);
         }
+        metrics::pipeline_messages(out.len());
         for m in out.drain(..) {
             bus.publish(m).await;
         }

@@ -11,4 +11,5 @@ mod gateway;
 mod interop;
 mod onenet;
 mod onenet_gateway;
+mod ops;
 mod rules;

@@ -16,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::drivers::reply;
 use crate::model::{Command, ReadingBatch};
+use crate::ops::metrics::{self, PollOutcome};
 use crate::status::Status;
 
 use super::device::{Device, Transition, MAX_BACKOFF};
-use super::session::Session;
+use super::session::{RequestError, Session};
 
 /// First wait before reopening a lost port; doubles up to [`MAX_BACKOFF`].
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(500);
@@ -210,6 +211,7 @@ impl FieldBus {
     }
 
     async fn poll(&mut self, idx: usize) {
+        let started = Instant::now();
         let mut run = self.devices[idx].start_poll();
         let result = loop {
             // Writes that arrived meanwhile go first, even in the middle of
@@ -229,6 +231,12 @@ impl FieldBus {
         if let Err(e) = &result {
             tracing::debug!(device = %device.name, error = %e, "poll failed");
         }
+        let outcome = match &result {
+            Ok(()) => PollOutcome::Ok,
+            Err(RequestError::Timeout(_)) => PollOutcome::Timeout,
+            Err(_) => PollOutcome::Error,
+        };
+        metrics::device_poll(&device.name, outcome, started.elapsed());
         let transition = device.record(&result, Instant::now());
         if !readings.is_empty() {
             tokio::select! {

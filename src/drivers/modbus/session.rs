@@ -197,7 +197,8 @@ impl Session {
         request: Request<'_>,
         timeout: Duration,
     ) -> Result<Response, RequestError> {
-        match self.call_once(slave, request.clone(), timeout).await {
+        let started = Instant::now();
+        let result = match self.call_once(slave, request.clone(), timeout).await {
             Err(Attempt::Stray(why)) => {
                 tracing::debug!(endpoint = %self.endpoint, %slave, %why, "dropped an answer to another request; asking again");
                 self.call_once(slave, request, timeout)
@@ -205,7 +206,13 @@ impl Session {
                     .map_err(Attempt::into_error)
             }
             other => other.map_err(Attempt::into_error),
+        };
+        // The bus was held from the frame gap to the answer (or the
+        // recovery after a timeout): its utilisation.
+        if let Endpoint::Serial { path, .. } = &self.endpoint {
+            crate::ops::metrics::serial_bus_request(path, started.elapsed());
         }
+        result
     }
 
     async fn call_once(

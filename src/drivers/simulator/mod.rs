@@ -14,6 +14,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::{reply, DriverContext};
 use crate::config::{DataType, DeviceConfig, PointConfig, Wave};
 use crate::model::{now_ms, Command, Quality, Reading, Value};
+use crate::ops::metrics::{self, PollOutcome};
 
 /// The value of a wave at `t` seconds into the run.
 pub fn wave_value(p: &PointConfig, t: f64, rng: &mut impl Rng) -> Value {
@@ -73,6 +74,7 @@ pub fn spawn(dev: DeviceConfig, ctx: DriverContext, mut commands: mpsc::Receiver
                     reply(cmd, result);
                 }
                 _ = tick.tick() => {
+                    let polled = Instant::now();
                     let t = start.elapsed().as_secs_f64();
                     let ts = now_ms();
                     let batch = dev.points.iter().zip(&points).map(|(p, (pname, unit))| Reading {
@@ -83,6 +85,7 @@ pub fn spawn(dev: DeviceConfig, ctx: DriverContext, mut commands: mpsc::Receiver
                         ts,
                         quality: Quality::Good,
                     }).collect();
+                    metrics::device_poll(&dev.name, PollOutcome::Ok, polled.elapsed());
                     if ctx.readings.send(batch).await.is_err() {
                         break;
                     }

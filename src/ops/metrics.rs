@@ -1,0 +1,272 @@
+//! The Prometheus endpoint (opt-in `metrics: { bind: 127.0.0.1:9100 }`)
+//! and every metric edgebridge records.
+//!
+//! Components record through the functions here, never with the `metrics`
+//! macros directly, so the names below are the complete list and one place
+//! owns each name, its labels and its help text. Without an endpoint no
+//! recorder is installed and every call is a cheap no-op.
+//!
+//! Names follow Prometheus conventions: `edgebridge_` prefix, base units
+//! (seconds, bytes), `_total` for counters.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+use crate::config::MetricsConfig;
+
+/// Every metric name, with its help text, in the order the README lists
+/// them.
+pub mod names {
+    /// Polls of a device (one per poll interval), whatever their outcome.
+    pub const DEVICE_POLLS: &str = "edgebridge_device_polls_total";
+    /// Polls that failed (an I/O or protocol error, a Modbus exception).
+    pub const DEVICE_ERRORS: &str = "edgebridge_device_errors_total";
+    /// Polls that got no answer within the device's `timeout`.
+    pub const DEVICE_TIMEOUTS: &str = "edgebridge_device_timeouts_total";
+    /// Unix time of the device's last successful poll.
+    pub const DEVICE_LAST_SUCCESS: &str = "edgebridge_device_last_success_timestamp_seconds";
+    /// How long a poll of a device took.
+    pub const DEVICE_POLL_DURATION: &str = "edgebridge_device_poll_duration_seconds";
+    /// 1 while the device's status is online, 0 while offline.
+    pub const DEVICE_UP: &str = "edgebridge_device_up";
+    /// Readings the drivers produced, per device.
+    pub const READINGS: &str = "edgebridge_readings_total";
+    /// How long one request on a serial port (an RS-485/RS-232 bus) held
+    /// the bus, answer included. `rate(..._sum[5m])` is the bus utilisation
+    /// (0..1).
+    pub const SERIAL_BUS_REQUEST: &str = "edgebridge_serial_bus_request_duration_seconds";
+    /// Messages the pipeline (mappings, rules) published on the bus.
+    pub const PIPELINE_MESSAGES: &str = "edgebridge_pipeline_messages_total";
+    /// Messages handed to the local bus by the gateway (pipeline, status,
+    /// commands).
+    pub const BUS_MESSAGES: &str = "edgebridge_bus_messages_total";
+    /// Client connections open on the embedded broker's listeners.
+    pub const BROKER_CONNECTIONS: &str = "edgebridge_broker_connections";
+    /// Commands carried out, by `result` (`ok` / `error`).
+    pub const COMMANDS: &str = "edgebridge_commands_total";
+    /// Calls of a rule function, per file and function.
+    pub const RULE_CALLS: &str = "edgebridge_rule_calls_total";
+    /// Rule calls that failed (script error, limit, deadline).
+    pub const RULE_ERRORS: &str = "edgebridge_rule_errors_total";
+    /// How long a rule call took.
+    pub const RULE_DURATION: &str = "edgebridge_rule_duration_seconds";
+    /// 1 while the bridge is connected to its remote broker.
+    pub const BRIDGE_CONNECTED: &str = "edgebridge_bridge_connected";
+    /// Messages waiting in the bridge's durable queue.
+    pub const BRIDGE_QUEUE_MESSAGES: &str = "edgebridge_bridge_queue_messages";
+    /// Bytes in the bridge's durable queue.
+    pub const BRIDGE_QUEUE_BYTES: &str = "edgebridge_bridge_queue_bytes";
+    /// Messages the remote broker acknowledged.
+    pub const BRIDGE_FORWARDED: &str = "edgebridge_bridge_forwarded_total";
+    /// Messages dropped because the queue was full (oldest first).
+    pub const BRIDGE_DROPPED: &str = "edgebridge_bridge_dropped_total";
+    /// Messages sent again after a reconnect.
+    pub const BRIDGE_REDELIVERED: &str = "edgebridge_bridge_redelivered_total";
+    /// Config reloads (SIGHUP), by `result` (`ok` / `error`).
+    pub const RELOADS: &str = "edgebridge_config_reloads_total";
+    /// Always 1; the `version` label carries the build's version.
+    pub const BUILD_INFO: &str = "edgebridge_build_info";
+}
+
+use names::*;
+
+/// Histogram buckets for durations, in seconds: from a fast TCP read to a
+/// slow RS-485 poll.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics endpoint on {addr}: {source}")]
+    Endpoint {
+        addr: SocketAddr,
+        source: BuildError,
+    },
+    #[error("a metrics recorder is already installed in this process")]
+    AlreadyInstalled,
+}
+
+/// The running endpoint.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoint {
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Binds the endpoint and installs the process-wide recorder. Must run
+/// inside the tokio runtime; can succeed once per process.
+pub fn install(config: &MetricsConfig) -> Result<Endpoint, MetricsError> {
+    let addr = config.bind;
+    let err = |source| MetricsError::Endpoint { addr, source };
+    let mut builder = PrometheusBuilder::new().with_http_listener(addr);
+    for h in [DEVICE_POLL_DURATION, RULE_DURATION, SERIAL_BUS_REQUEST] {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(h.to_string()), DURATION_BUCKETS)
+            .map_err(err)?;
+    }
+    let (recorder, exporter) = builder.build().map_err(err)?;
+    metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let task = tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(%addr, "metrics endpoint listening");
+    Ok(Endpoint { addr, task })
+}
+
+fn describe() {
+    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h};
+    c!(DEVICE_POLLS, "Polls of a device, whatever their outcome.");
+    c!(DEVICE_ERRORS, "Polls that failed with an error.");
+    c!(DEVICE_TIMEOUTS, "Polls that got no answer in time.");
+    g!(
+        DEVICE_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last successful poll."
+    );
+    h!(DEVICE_POLL_DURATION, Unit::Seconds, "How long a poll took.");
+    g!(DEVICE_UP, "1 while the device is online.");
+    c!(READINGS, "Readings produced by the drivers.");
+    h!(
+        SERIAL_BUS_REQUEST,
+        Unit::Seconds,
+        "How long a request held a serial bus."
+    );
+    c!(
+        PIPELINE_MESSAGES,
+        "Messages published by mappings and rules."
+    );
+    c!(
+        BUS_MESSAGES,
+        "Messages the gateway handed to the local bus."
+    );
+    g!(
+        BROKER_CONNECTIONS,
+        "Client connections on the embedded broker."
+    );
+    c!(COMMANDS, "Device commands carried out, by result.");
+    c!(RULE_CALLS, "Calls of rule functions.");
+    c!(RULE_ERRORS, "Rule calls that failed.");
+    h!(RULE_DURATION, Unit::Seconds, "How long a rule call took.");
+    g!(BRIDGE_CONNECTED, "1 while the bridge is connected.");
+    g!(
+        BRIDGE_QUEUE_MESSAGES,
+        "Messages in the bridge's durable queue."
+    );
+    g!(
+        BRIDGE_QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes in the bridge's durable queue."
+    );
+    c!(
+        BRIDGE_FORWARDED,
+        "Messages acknowledged by the remote broker."
+    );
+    c!(BRIDGE_DROPPED, "Messages dropped from a full queue.");
+    c!(BRIDGE_REDELIVERED, "Messages sent again after a reconnect.");
+    c!(RELOADS, "Config reloads, by result.");
+    g!(BUILD_INFO, "Always 1; the version label tells the build.");
+}
+
+/// How one poll of a device ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollOutcome {
+    Ok,
+    Error,
+    Timeout,
+}
+
+/// One poll of `device` that took `elapsed`.
+pub fn device_poll(device: &str, outcome: PollOutcome, elapsed: Duration) {
+    let d = device.to_string();
+    counter!(DEVICE_POLLS, "device" => d.clone()).increment(1);
+    histogram!(DEVICE_POLL_DURATION, "device" => d.clone()).record(elapsed.as_secs_f64());
+    match outcome {
+        PollOutcome::Ok => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            gauge!(DEVICE_LAST_SUCCESS, "device" => d).set(now.as_secs_f64());
+        }
+        PollOutcome::Error => counter!(DEVICE_ERRORS, "device" => d).increment(1),
+        PollOutcome::Timeout => counter!(DEVICE_TIMEOUTS, "device" => d).increment(1),
+    }
+}
+
+pub fn device_up(device: &str, up: bool) {
+    gauge!(DEVICE_UP, "device" => device.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn readings(device: &str, n: usize) {
+    counter!(READINGS, "device" => device.to_string()).increment(n as u64);
+}
+
+/// Time `port` (e.g. `/dev/ttyUSB0`) was held by one request and its
+/// answer (or its timeout).
+pub fn serial_bus_request(port: &str, busy: Duration) {
+    histogram!(SERIAL_BUS_REQUEST, "port" => port.to_string()).record(busy.as_secs_f64());
+}
+
+pub fn pipeline_messages(n: usize) {
+    counter!(PIPELINE_MESSAGES).increment(n as u64);
+}
+
+pub fn bus_message() {
+    counter!(BUS_MESSAGES).increment(1);
+}
+
+pub fn broker_connections(n: usize) {
+    gauge!(BROKER_CONNECTIONS).set(n as f64);
+}
+
+pub fn command(device: &str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(COMMANDS, "device" => device.to_string(), "result" => result).increment(1);
+}
+
+/// One call of `function` in rule file `file`.
+pub fn rule_call(file: &str, function: &str, ok: bool, elapsed: Duration) {
+    let f = file.to_string();
+    counter!(RULE_CALLS, "file" => f.clone(), "function" => function.to_string()).increment(1);
+    histogram!(RULE_DURATION, "file" => f.clone()).record(elapsed.as_secs_f64());
+    if !ok {
+        counter!(RULE_ERRORS, "file" => f).increment(1);
+    }
+}
+
+pub fn bridge_connected(bridge: &str, connected: bool) {
+    gauge!(BRIDGE_CONNECTED, "bridge" => bridge.to_string()).set(if connected { 1.0 } else { 0.0 });
+}
+
+pub fn bridge_queue(bridge: &str, messages: u64, bytes: u64) {
+    gauge!(BRIDGE_QUEUE_MESSAGES, "bridge" => bridge.to_string()).set(messages as f64);
+    gauge!(BRIDGE_QUEUE_BYTES, "bridge" => bridge.to_string()).set(bytes as f64);
+}
+
+pub fn bridge_forwarded(bridge: &str, n: u64) {
+    counter!(BRIDGE_FORWARDED, "bridge" => bridge.to_string()).increment(n);
+}
+
+pub fn bridge_dropped(bridge: &str, n: u64) {
+    counter!(BRIDGE_DROPPED, "bridge" => bridge.to_string()).increment(n);
+}
+
+pub fn bridge_redelivered(bridge: &str, n: u64) {
+    counter!(BRIDGE_REDELIVERED, "bridge" => bridge.to_string()).increment(n);
+}
+
+pub fn reload(ok: bool) {
+    counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}

@@ -1,0 +1,8 @@
+//! Running as a service: the systemd notification protocol and watchdog
+//! ([`service`]), the gateway's health check and summary ([`health`]), and
+//! the Prometheus endpoint ([`metrics`]).
+
+pub mod health;
+pub mod metrics;
+pub mod reload;
+pub mod service;

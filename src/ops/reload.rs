@@ -1,0 +1,79 @@
+//! Config reload (SIGHUP): which parts of a new config the running gateway
+//! can take over live, and the report of what a reload did.
+
+use crate::config::Config;
+use crate::drivers::units::DeviceChanges;
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigReload {
+    pub devices: DeviceChanges,
+    pub mappings_changed: bool,
+    pub commands_changed: bool,
+    /// Top-level keys that changed but only apply after a restart; their
+    /// running values stay.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl ConfigReload {
+    /// Nothing was started, stopped or switched.
+    pub fn is_noop(&self) -> bool {
+        self.devices.restarted.is_empty()
+            && self.devices.started.is_empty()
+            && self.devices.stopped.is_empty()
+            && !self.mappings_changed
+            && !self.commands_changed
+    }
+}
+
+/// Splits `new` into what can be applied live: the returned config has the
+/// running values of the keys only a restart can change (the gateway's
+/// identity and data folder, the broker's listeners and users, the rules
+/// folder and deadline, the metrics endpoint), and those keys are listed
+/// when they differ.
+pub fn split_live(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
+    let mut needs_restart = Vec::new();
+    if new.gateway != running.gateway {
+        needs_restart.push("gateway");
+        new.gateway = running.gateway.clone();
+    }
+    if new.broker != running.broker {
+        needs_restart.push("broker");
+        new.broker = running.broker.clone();
+    }
+    // The rule files themselves are reloaded on every SIGHUP; where they
+    // live (or whether there are rules at all) is fixed at start.
+    if new.rules != running.rules {
+        needs_restart.push("rules");
+        new.rules = running.rules.clone();
+    }
+    if new.metrics != running.metrics {
+        needs_restart.push("metrics");
+        new.metrics = running.metrics.clone();
+    }
+    (new, needs_restart)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_text(Path::new("c.yaml"), yaml, |_| None).unwrap()
+    }
+
+    #[test]
+    fn restart_only_keys_keep_their_running_values() {
+        let running = config("gateway: { id: a }\nbroker:\n  listeners: [{ bind: \"127.0.0.1:1883\", protocol: mqtt }]\n");
+        let new = config("gateway: { id: b }\nbroker:\n  listeners: [{ bind: \"127.0.0.1:1999\", protocol: mqtt }]\nmetrics: { bind: \"127.0.0.1:9100\" }\nmappings: [{ match: '*/*', topic: x }]\n");
+        let (live, restart) = split_live(&running, new.clone());
+        assert_eq!(restart, ["gateway", "broker", "metrics"]);
+        assert_eq!(live.gateway, running.gateway);
+        assert_eq!(live.broker, running.broker);
+        assert_eq!(live.metrics, None);
+        assert_eq!(live.mappings, new.mappings);
+        let (_, none) = split_live(&running, running.clone());
+        assert!(none.is_empty());
+    }
+}
