@@ -756,3 +756,66 @@ fn copy_shipped_rules(dir: &Path) {
         std::fs::copy(&f, dir.join("rules").join(f.file_name().unwrap())).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_rule_calls_errors_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/ok.rhai"),
+        "fn on_reading(r) { publish(\"seen\", r.value); }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("rules/bad.rhai"),
+        "fn on_reading(r) {\n  r.value + \"x\" * 2\n}\n",
+    )
+    .unwrap();
+    let port = support::free_port();
+    let mport = support::free_port();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!(
+            "gateway: {{ id: r-gw }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\nmetrics: {{ bind: \"127.0.0.1:{mport}\" }}\nrules: {{ dir: ./rules }}\ndevices:\n  - {{ name: d, driver: simulator, poll: 50ms, points: [{{ name: p, wave: constant, value: 3 }}] }}\n"
+        ),
+    )
+    .unwrap();
+    let bin = support::Binary::spawn(&["run"], dir.path());
+    let maddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    support::wait_port(maddr, Duration::from_secs(10)).await;
+    let within = Duration::from_secs(5);
+    wait_sample(
+        maddr,
+        r#"edgebridge_rule_calls_total{file="ok.rhai",function="on_reading"}"#,
+        within,
+        |v| v >= 2.0,
+    )
+    .await;
+    wait_sample(
+        maddr,
+        r#"edgebridge_rule_errors_total{file="bad.rhai"}"#,
+        within,
+        |v| v >= 1.0,
+    )
+    .await;
+    let body = scrape(maddr).await;
+    assert!(
+        sample(&body, r#"edgebridge_rule_errors_total{file="ok.rhai"}"#).is_none(),
+        "{body}"
+    );
+    assert!(
+        sample(
+            &body,
+            r#"edgebridge_rule_duration_seconds_count{file="ok.rhai"}"#
+        )
+        .unwrap()
+            >= 2.0,
+        "{body}"
+    );
+    // The rule's publishes are the pipeline's messages.
+    assert!(
+        sample(&body, "edgebridge_pipeline_messages_total").unwrap() >= 1.0,
+        "{body}"
+    );
+    drop(bin);
+}

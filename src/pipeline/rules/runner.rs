@@ -307,6 +307,7 @@ impl Rules {
         out: &mut Outcome,
     ) -> Option<Dynamic> {
         file.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         self.sandbox.begin(&file.name, self.clock);
         let options = CallFnOptions::new()
             .eval_ast(false)
@@ -331,6 +332,12 @@ impl Rules {
         } else {
             None
         };
+        crate::ops::metrics::rule_call(
+            &file.name,
+            function,
+            result.is_ok() && problem.is_none(),
+            started.elapsed(),
+        );
         if let Some(msg) = problem {
             let mut shared = file.scope.state.clone();
             if let Some(mut v) = shared.write_lock::<Dynamic>() {

@@ -510,6 +510,7 @@ impl Worker {
         if messages.is_empty() {
             return;
         }
+        crate::ops::metrics::pipeline_messages(messages.len());
         self.handle.block_on(async {
             for m in messages {
                 self.bus.publish(m).await;
