@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::ops::metrics;
-use crate::ops::service::ServiceManager;
+use crate::ops::service::{CheckLog, ServiceManager, Watchdog};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -279,9 +279,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let every = service.check_interval(HEALTH_INTERVAL);
     let mut health = tokio::time::interval(every);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Consecutive failed checks; one alone (e.g. an external broker still
-    // connecting) is only a warning.
-    let mut failures = 0u32;
+    let mut watchdog = Watchdog::default();
     let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
     loop {
         tokio::select! {
@@ -299,19 +297,15 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             }
             _ = health.tick() => {
                 let summary = gateway.health((every / 2).min(Duration::from_secs(5))).await;
-                if summary.healthy {
+                let verdict = watchdog.observe(summary.healthy);
+                if verdict.ping {
                     service.watchdog_ping();
-                    if failures >= 2 {
-                        tracing::info!("healthy again");
-                    }
-                    failures = 0;
-                } else {
-                    failures += 1;
-                    match failures {
-                        1 => tracing::warn!(problems = ?summary.problems, "health check failed"),
-                        2 => tracing::error!(problems = ?summary.problems, "unhealthy: the watchdog is no longer pinged"),
-                        _ => {}
-                    }
+                }
+                match verdict.log {
+                    Some(CheckLog::Recovered) => tracing::info!("healthy again"),
+                    Some(CheckLog::Failed) => tracing::warn!(problems = ?summary.problems, "health check failed"),
+                    Some(CheckLog::Unhealthy) => tracing::error!(problems = ?summary.problems, "unhealthy: the watchdog is no longer pinged"),
+                    None => {}
                 }
             }
         }

@@ -68,6 +68,50 @@ impl ServiceManager {
     }
 }
 
+/// Turns health check results into watchdog pings: a ping only after a
+/// check that passed, so a gateway that stays unhealthy (or whose main loop
+/// is stuck) is restarted by systemd after `WatchdogSec=`.
+#[derive(Debug, Default)]
+pub struct Watchdog {
+    /// Consecutive failed checks.
+    failures: u32,
+}
+
+/// What to do after one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub ping: bool,
+    pub log: Option<CheckLog>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckLog {
+    /// One failed check (e.g. an external broker still connecting): a
+    /// warning.
+    Failed,
+    /// The second failure in a row: an error, once.
+    Unhealthy,
+    /// Passed again after being unhealthy.
+    Recovered,
+}
+
+impl Watchdog {
+    pub fn observe(&mut self, healthy: bool) -> Verdict {
+        if healthy {
+            let log = (self.failures >= 2).then_some(CheckLog::Recovered);
+            self.failures = 0;
+            return Verdict { ping: true, log };
+        }
+        self.failures = self.failures.saturating_add(1);
+        let log = match self.failures {
+            1 => Some(CheckLog::Failed),
+            2 => Some(CheckLog::Unhealthy),
+            _ => None,
+        };
+        Verdict { ping: false, log }
+    }
+}
+
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify the service manager");
@@ -77,6 +121,19 @@ fn send(states: &[NotifyState]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_is_pinged_only_after_a_passed_check() {
+        let mut w = Watchdog::default();
+        let v = |ping, log| Verdict { ping, log };
+        assert_eq!(w.observe(true), v(true, None));
+        assert_eq!(w.observe(false), v(false, Some(CheckLog::Failed)));
+        assert_eq!(w.observe(true), v(true, None), "one failure is no outage");
+        assert_eq!(w.observe(false), v(false, Some(CheckLog::Failed)));
+        assert_eq!(w.observe(false), v(false, Some(CheckLog::Unhealthy)));
+        assert_eq!(w.observe(false), v(false, None), "logged once");
+        assert_eq!(w.observe(true), v(true, Some(CheckLog::Recovered)));
+    }
 
     #[test]
     fn check_interval_is_half_the_watchdog_capped() {
