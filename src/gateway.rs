@@ -10,15 +10,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{self, RunningBridge, StartError};
+use crate::bridge::{self, Bridge, BridgeSpec, RunningBridge, StartError};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bus::{Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
-use crate::drivers::units::{DeviceChanges, DriverUnits};
+use crate::drivers::units::DriverUnits;
 use crate::drivers::{Devices, DriverContext, DriverError};
 use crate::model::Message;
-use crate::ops::health::{HealthProbe, Summary};
-use crate::ops::reload::{self, ConfigReload};
+use crate::ops::health::{BridgeHealth, HealthProbe, Summary};
+use crate::ops::reload::{self, Changes, ConfigReload};
 use crate::pipeline::rules::{ReloadReport, RuleError, RuleErrors, Rules, RulesRuntime};
 use crate::pipeline::{self, mapping::Mappings};
 use crate::status::Status;
@@ -178,11 +178,16 @@ impl Gateway {
     /// has changed.
     pub async fn reload(&mut self, new: Config) -> Result<ConfigReload, GatewayError> {
         let (new, needs_restart) = reload::split_live(&self.config, new);
+        // Everything that can be refused is checked before anything stops.
         DriverUnits::check(&new.devices)?;
+        let bridge_specs = self.changed_bridge_specs(&new)?;
+        // Bridges first, so they are subscribed before restarted devices
+        // publish again.
+        let bridges = self.reload_bridges(&new, bridge_specs).await;
         let devices = if new.devices == self.config.devices {
-            DeviceChanges {
+            Changes {
                 unchanged: new.devices.iter().map(|d| d.name.clone()).collect(),
-                ..DeviceChanges::default()
+                ..Changes::default()
             }
         } else {
             self.units.apply(&new.devices).await?
@@ -206,10 +211,77 @@ impl Gateway {
         self.config = new;
         Ok(ConfigReload {
             devices,
+            bridges,
             mappings_changed,
             commands_changed: commands_changed && !self.config.commands.is_empty(),
             needs_restart,
         })
+    }
+
+    /// The generic MQTT bridges of `new` that are not running as configured
+    /// (new or changed), with their settings checked (certificate files
+    /// read): an error refuses the reload before anything stops.
+    fn changed_bridge_specs(&self, new: &Config) -> Result<Vec<BridgeSpec>, GatewayError> {
+        new.bridges
+            .iter()
+            .filter(|b| b.onenet.is_none())
+            .filter(|b| !self.config.bridges.contains(b))
+            .map(|b| BridgeSpec::from_config(b, new).map_err(|e| GatewayError::Bridge(e.into())))
+            .collect()
+    }
+
+    /// Keeps the bridges whose settings did not change (connection and
+    /// queue untouched), stops changed and removed ones (they keep what is
+    /// queued), then starts `specs`. A bridge that cannot start is logged
+    /// and listed as failed; the rest of the reload goes on.
+    async fn reload_bridges(&mut self, new: &Config, specs: Vec<BridgeSpec>) -> Changes {
+        let mut changes = Changes::default();
+        let mut keep = Vec::new();
+        for b in std::mem::take(&mut self.bridges) {
+            let same = new.bridges.iter().find(|c| c.name == b.name);
+            let running = self.config.bridges.iter().find(|c| c.name == b.name);
+            if same.is_some() && same == running {
+                changes.unchanged.push(b.name.clone());
+                keep.push(b);
+                continue;
+            }
+            b.stop.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), b.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(bridge = %b.name, "bridge did not stop within 5s");
+            }
+            if same.is_some() {
+                changes.restarted.push(b.name);
+            } else {
+                changes.stopped.push(b.name);
+            }
+        }
+        self.bridges = keep;
+        for spec in specs {
+            let name = spec.name.clone();
+            let started = match Bridge::open(spec) {
+                Ok(bridge) => {
+                    bridge::start(bridge, &self.bus, self.bridge_shutdown.child_token()).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            match started {
+                Ok(running) => {
+                    if !changes.restarted.contains(&name) {
+                        changes.started.push(name);
+                    }
+                    self.bridges.push(running);
+                }
+                Err(e) => {
+                    tracing::error!(bridge = %name, error = %e, "bridge did not start after the reload");
+                    changes.restarted.retain(|n| n != &name);
+                    changes.failed.push(name);
+                }
+            }
+        }
+        changes
     }
 
     /// Compiles the rules folder again (SIGHUP). A set that compiles
@@ -297,6 +369,19 @@ impl Gateway {
             devices_online: self.config.devices.len() - offline.len(),
             devices_total: self.config.devices.len(),
             devices_offline: offline,
+            bridges: self
+                .bridges
+                .iter()
+                .map(|b| {
+                    let s = b.status.borrow();
+                    BridgeHealth {
+                        name: b.name.clone(),
+                        connected: s.connected,
+                        queue_messages: s.queue_depth,
+                        queue_bytes: s.queue_bytes,
+                    }
+                })
+                .collect(),
             uptime_seconds: 0,
             seq: 0,
         };

@@ -65,11 +65,14 @@ impl LocalLink for BusLink {
     }
 }
 
-/// A bridge started by [`start_all`].
+/// A bridge started by [`start_all`] or [`start`].
 pub struct RunningBridge {
     pub name: String,
     pub status: watch::Receiver<BridgeStatus>,
     pub task: JoinHandle<()>,
+    /// Stops this bridge alone (a config reload); a child of the token
+    /// that stops them all.
+    pub stop: CancellationToken,
 }
 
 /// Errors starting the configured bridges.
@@ -105,22 +108,37 @@ pub async fn start_all(
     }
     let mut running = Vec::new();
     for bridge in bridges {
-        let name = bridge.spec().name.clone();
-        let client_id = format!("edgebridge-bridge-{name}");
-        let link = BusLink::new(bus, &client_id, &bridge.spec().local_filters())
-            .await
-            .map_err(|source| StartError::Bus {
-                bridge: name.clone(),
-                source,
-            })?;
-        let status = bridge.status();
-        let task = tokio::spawn(bridge.run(link, shutdown.clone()));
-        running.push(RunningBridge { name, status, task });
+        running.push(start(bridge, bus, shutdown.child_token()).await?);
     }
     for bridge in onenet {
         running.push(bridge.start(bus, shutdown).await?);
     }
     Ok(running)
+}
+
+/// Subscribes an opened bridge on `bus` and runs it until `stop`.
+pub async fn start(
+    bridge: Bridge,
+    bus: &Bus,
+    stop: CancellationToken,
+) -> Result<RunningBridge, StartError> {
+    let name = bridge.spec().name.clone();
+    let client_id = format!("edgebridge-bridge-{name}");
+    let link = BusLink::new(bus, &client_id, &bridge.spec().local_filters())
+        .await
+        .map_err(|source| StartError::Bus {
+            bridge: name.clone(),
+            source,
+        })?;
+    let status = bridge.status();
+    crate::ops::metrics::watch_bridge(&name, status.clone());
+    let task = tokio::spawn(bridge.run(link, stop.clone()));
+    Ok(RunningBridge {
+        name,
+        status,
+        task,
+        stop,
+    })
 }
 
 /// Reads and checks the files that the generic bridges of `config` point to

@@ -15,5 +15,5 @@ pub mod queue;
 mod task;
 pub mod topic;
 
-pub use local::{check_files, start_all, BusLink, RunningBridge, StartError};
+pub use local::{check_files, start, start_all, BusLink, RunningBridge, StartError};
 pub use task::{status_topic, Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};

@@ -369,12 +369,17 @@ async fn reload_config(gateway: &mut Gateway, path: &Path) -> bool {
             if r.is_noop() {
                 tracing::info!("config reloaded: nothing changed");
             } else {
-                let d = &r.devices;
+                let (d, b) = (&r.devices, &r.bridges);
                 tracing::info!(
                     restarted = ?d.restarted,
                     started = ?d.started,
                     stopped = ?d.stopped,
                     unchanged = d.unchanged.len(),
+                    bridges_restarted = ?b.restarted,
+                    bridges_started = ?b.started,
+                    bridges_stopped = ?b.stopped,
+                    bridges_failed = ?b.failed,
+                    bridges_unchanged = b.unchanged.len(),
                     mappings_changed = r.mappings_changed,
                     commands_changed = r.commands_changed,
                     "config reloaded"

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{spawn_devices, Devices, DriverContext, DriverError};
 use crate::config::{DeviceConfig, DriverKind};
+use crate::ops::reload::Changes;
 
 /// Which unit a device belongs to: its shared port, or itself.
 pub fn unit_key(dev: &DeviceConfig) -> String {
@@ -48,15 +49,6 @@ impl Unit {
             .await
             .is_ok()
     }
-}
-
-/// What a reload did to the devices, by device name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceChanges {
-    pub unchanged: Vec<String>,
-    pub restarted: Vec<String>,
-    pub started: Vec<String>,
-    pub stopped: Vec<String>,
 }
 
 /// Every running driver unit, and the command routes to them.
@@ -131,9 +123,9 @@ impl DriverUnits {
 
     /// Moves to `new`: units whose devices are all unchanged keep running;
     /// changed units restart; removed ones stop; new ones start.
-    pub async fn apply(&mut self, new: &[DeviceConfig]) -> Result<DeviceChanges, DriverError> {
+    pub async fn apply(&mut self, new: &[DeviceConfig]) -> Result<Changes, DriverError> {
         Self::check(new)?;
-        let mut changes = DeviceChanges::default();
+        let mut changes = Changes::default();
         let mut wanted = group(new);
         let old_keys: Vec<String> = self.units.keys().cloned().collect();
         for key in old_keys {

@@ -26,10 +26,23 @@ pub struct Summary {
     pub devices_total: usize,
     /// Devices that are offline now (a field problem: not unhealthy).
     pub devices_offline: Vec<String>,
+    /// Each cloud bridge's link (a flaky uplink is not unhealthy either:
+    /// the queue holds the data).
+    pub bridges: Vec<BridgeHealth>,
     /// Seconds since the gateway started.
     pub uptime_seconds: u64,
     /// Increases with every check; the round trip waits for its own.
     pub seq: u64,
+}
+
+/// One bridge in the summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BridgeHealth {
+    pub name: String,
+    pub connected: bool,
+    /// Messages and bytes waiting in its durable queue.
+    pub queue_messages: u64,
+    pub queue_bytes: u64,
 }
 
 /// Publishes summaries and checks that they come back.

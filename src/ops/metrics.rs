@@ -10,12 +10,18 @@
 //! (seconds, bytes), `_total` for counters.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
+use crate::bridge::BridgeStatus;
 use crate::config::MetricsConfig;
+
+/// Set once the endpoint's recorder is installed; watchers that only feed
+/// metrics are not started without it.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Every metric name, with its help text, in the order the README lists
 /// them.
@@ -115,6 +121,7 @@ pub fn install(config: &MetricsConfig) -> Result<Endpoint, MetricsError> {
     }
     let (recorder, exporter) = builder.build().map_err(err)?;
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
+    INSTALLED.store(true, Ordering::Relaxed);
     describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let task = tokio::spawn(async move {
@@ -265,6 +272,36 @@ pub fn bridge_dropped(bridge: &str, n: u64) {
 
 pub fn bridge_redelivered(bridge: &str, n: u64) {
     counter!(BRIDGE_REDELIVERED, "bridge" => bridge.to_string()).increment(n);
+}
+
+/// Follows a bridge's status (cumulative since the bridge started) into
+/// the bridge metrics until the bridge ends. Counters only ever grow: after
+/// a restart of the bridge (a reload) its new counts are added on top.
+pub fn watch_bridge(bridge: &str, mut status: tokio::sync::watch::Receiver<BridgeStatus>) {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        return;
+    }
+    let bridge = bridge.to_string();
+    tokio::spawn(async move {
+        let mut last = (0u64, 0u64, 0u64);
+        loop {
+            let now = {
+                let s = status.borrow_and_update();
+                bridge_connected(&bridge, s.connected);
+                bridge_queue(&bridge, s.queue_depth, s.queue_bytes);
+                (s.forwarded, s.dropped, s.redelivered)
+            };
+            bridge_forwarded(&bridge, now.0.saturating_sub(last.0));
+            bridge_dropped(&bridge, now.1.saturating_sub(last.1));
+            bridge_redelivered(&bridge, now.2.saturating_sub(last.2));
+            last = now;
+            if status.changed().await.is_err() {
+                // The bridge ended: it is not connected any more.
+                bridge_connected(&bridge, false);
+                return;
+            }
+        }
+    });
 }
 
 pub fn reload(ok: bool) {

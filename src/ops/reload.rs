@@ -2,12 +2,33 @@
 //! can take over live, and the report of what a reload did.
 
 use crate::config::Config;
-use crate::drivers::units::DeviceChanges;
+
+/// What a reload did to the devices or the bridges, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub unchanged: Vec<String>,
+    pub restarted: Vec<String>,
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    /// Could not start (the error is logged); only bridges, whose start
+    /// opens a queue and subscribes, can fail after the reload began.
+    pub failed: Vec<String>,
+}
+
+impl Changes {
+    fn is_noop(&self) -> bool {
+        self.restarted.is_empty()
+            && self.started.is_empty()
+            && self.stopped.is_empty()
+            && self.failed.is_empty()
+    }
+}
 
 /// What a reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConfigReload {
-    pub devices: DeviceChanges,
+    pub devices: Changes,
+    pub bridges: Changes,
     pub mappings_changed: bool,
     pub commands_changed: bool,
     /// Top-level keys that changed but only apply after a restart; their
@@ -18,9 +39,8 @@ pub struct ConfigReload {
 impl ConfigReload {
     /// Nothing was started, stopped or switched.
     pub fn is_noop(&self) -> bool {
-        self.devices.restarted.is_empty()
-            && self.devices.started.is_empty()
-            && self.devices.stopped.is_empty()
+        self.devices.is_noop()
+            && self.bridges.is_noop()
             && !self.mappings_changed
             && !self.commands_changed
     }

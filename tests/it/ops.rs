@@ -819,3 +819,181 @@ async fn metrics_count_rule_calls_errors_and_time() {
     );
     drop(bin);
 }
+
+/// How often Mosquitto saw `client_id` connect (its notice log).
+fn connects(m: &crate::support::mosquitto::Mosquitto, client_id: &str) -> usize {
+    m.log()
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(&format!(" as {client_id} ")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn reload_keeps_an_unchanged_bridge_connected_and_restarts_a_changed_one() {
+    use crate::support::mosquitto::{Mosquitto, Security};
+    let m = Mosquitto::start(Security::Plain);
+    let data = tempfile::tempdir().unwrap();
+    let remote_addr = format!("127.0.0.1:{}", m.port()).parse().unwrap();
+    let mut cloud = Client::connect(remote_addr, "it-cloud-app", &["site/#", "moved/#"]).await;
+    let yaml = |value: u32, prefix: &str| {
+        format!(
+            "gateway: {{ id: gw-it, data_dir: {data} }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:0\", protocol: mqtt }}\n\
+             devices:\n  - {{ name: pv, driver: simulator, poll: 100ms, points: [{{ name: power, wave: constant, value: {value} }}] }}\n\
+             mappings:\n  - {{ match: pv/power, topic: PV/data, qos: 1 }}\n\
+             bridges:\n  - name: cloud\n    url: {url}\n    client_id: it-bridge\n    \
+             forward: [ {{ topics: \"PV/#\", remote_prefix: \"{prefix}\", qos: 1 }} ]\n",
+            data = data.path().display(),
+            url = m.url(),
+        )
+    };
+    let mut gw = support::start(&yaml(1, "site/gw-it/")).await;
+    cloud
+        .expect_where(Duration::from_secs(30), |g| {
+            g.topic == "site/gw-it/PV/data" && g.payload == "1"
+        })
+        .await
+        .expect("bridged");
+    assert_eq!(connects(&m, "it-bridge"), 1, "{}", m.log());
+
+    // A device changes, the bridge does not: same connection, new data.
+    let report = gw
+        .reload(support::config(&yaml(2, "site/gw-it/")))
+        .await
+        .unwrap();
+    assert_eq!(report.bridges.unchanged, ["cloud"]);
+    assert_eq!(report.devices.restarted, ["pv"]);
+    cloud
+        .expect_where(Duration::from_secs(30), |g| {
+            g.topic == "site/gw-it/PV/data" && g.payload == "2"
+        })
+        .await
+        .expect("the new value went through the same bridge");
+    assert_eq!(
+        connects(&m, "it-bridge"),
+        1,
+        "the remote saw a reconnect:\n{}",
+        m.log()
+    );
+
+    // A bridge whose files do not check refuses the whole reload.
+    let broken = yaml(3, "site/gw-it/").replace(
+        "    client_id: it-bridge\n",
+        "    client_id: it-bridge\n    tls: { ca: /nonexistent/ca.pem }\n",
+    );
+    assert!(gw.reload(support::config(&broken)).await.is_err());
+    assert_eq!(
+        gw.config().devices[0].points[0].value,
+        Some(2.0),
+        "nothing changed"
+    );
+
+    // The bridge changes: it restarts (one reconnect) with its new settings.
+    let report = gw
+        .reload(support::config(&yaml(2, "moved/")))
+        .await
+        .unwrap();
+    assert_eq!(report.bridges.restarted, ["cloud"]);
+    assert_eq!(report.devices.unchanged, ["pv"]);
+    cloud
+        .expect_where(Duration::from_secs(30), |g| g.topic == "moved/PV/data")
+        .await
+        .expect("bridged under the new prefix");
+    assert_eq!(connects(&m, "it-bridge"), 2, "{}", m.log());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn bridge_metrics_health_and_a_sighup_that_keeps_the_bridge_connected() {
+    use crate::support::mosquitto::{Mosquitto, Security};
+    let m = Mosquitto::start(Security::Plain);
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let mport = support::free_port();
+    let yaml = |value: u32| {
+        format!(
+            "gateway: {{ id: gw-hup, data_dir: ./data }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n\
+             metrics: {{ bind: \"127.0.0.1:{mport}\" }}\n\
+             devices:\n  - {{ name: pv, driver: simulator, poll: 100ms, points: [{{ name: power, wave: constant, value: {value} }}] }}\n\
+             mappings:\n  - {{ match: pv/power, topic: PV/data, qos: 1 }}\n\
+             bridges:\n  - name: cloud\n    url: {url}\n    client_id: hup-bridge\n    \
+             forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+            url = m.url(),
+        )
+    };
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml(1)).unwrap();
+    let bin = support::Binary::spawn(&["run"], dir.path());
+    let maddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    support::wait_port(maddr, Duration::from_secs(10)).await;
+    let within = Duration::from_secs(30);
+    wait_sample(
+        maddr,
+        r#"edgebridge_bridge_connected{bridge="cloud"}"#,
+        within,
+        |v| v == 1.0,
+    )
+    .await;
+    wait_sample(
+        maddr,
+        r#"edgebridge_bridge_forwarded_total{bridge="cloud"}"#,
+        within,
+        |v| v >= 2.0,
+    )
+    .await;
+    let body = scrape(maddr).await;
+    assert!(
+        sample(&body, r#"edgebridge_bridge_queue_messages{bridge="cloud"}"#).is_some(),
+        "{body}"
+    );
+    assert!(
+        sample(&body, r#"edgebridge_bridge_queue_bytes{bridge="cloud"}"#).is_some(),
+        "{body}"
+    );
+
+    // The health summary lists the bridge.
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = Client::connect(addr, "t-bh", &["edgebridge/gw-hup/health"]).await;
+    let h = c
+        .expect("edgebridge/gw-hup/health", Duration::from_secs(5))
+        .await;
+    let h: serde_json::Value = serde_json::from_str(&h.payload).unwrap();
+    assert_eq!(h["bridges"][0]["name"], "cloud", "{h}");
+
+    // SIGHUP with only the device changed: the remote sees no reconnect.
+    assert_eq!(connects(&m, "hup-bridge"), 1, "{}", m.log());
+    std::fs::write(&path, yaml(2)).unwrap();
+    bin.signal("HUP");
+    wait_log(&bin, "config reloaded", Duration::from_secs(10)).await;
+    let before = sample(
+        &scrape(maddr).await,
+        r#"edgebridge_bridge_forwarded_total{bridge="cloud"}"#,
+    )
+    .unwrap();
+    wait_sample(
+        maddr,
+        r#"edgebridge_bridge_forwarded_total{bridge="cloud"}"#,
+        within,
+        |v| v >= before + 2.0,
+    )
+    .await;
+    assert_eq!(
+        connects(&m, "hup-bridge"),
+        1,
+        "the remote saw a reconnect:\n{}",
+        m.log()
+    );
+    assert!(
+        plain(&bin.stderr()).contains("bridges_unchanged=1"),
+        "{}",
+        bin.stderr()
+    );
+    assert_eq!(
+        sample(
+            &scrape(maddr).await,
+            "edgebridge_config_reloads_total{result=\"ok\"}"
+        ),
+        Some(1.0)
+    );
+}
