@@ -67,6 +67,20 @@ pub fn split_live(running: &Config, mut new: Config) -> (Config, Vec<&'static st
         needs_restart.push("rules");
         new.rules = running.rules.clone();
     }
+    // OneNET bridges are started by their own module and restart only with
+    // the gateway; generic MQTT bridges are reloaded one by one.
+    let onenet = |c: &Config| -> Vec<crate::config::BridgeConfig> {
+        c.bridges
+            .iter()
+            .filter(|b| b.onenet.is_some())
+            .cloned()
+            .collect()
+    };
+    if onenet(&new) != onenet(running) {
+        needs_restart.push("bridges (OneNET)");
+        new.bridges.retain(|b| b.onenet.is_none());
+        new.bridges.extend(onenet(running));
+    }
     if new.metrics != running.metrics {
         needs_restart.push("metrics");
         new.metrics = running.metrics.clone();
@@ -95,5 +109,32 @@ mod tests {
         assert_eq!(live.mappings, new.mappings);
         let (_, none) = split_live(&running, running.clone());
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn onenet_bridges_keep_their_running_settings() {
+        let base = "gateway: { id: a }\nbridges:\n";
+        let onenet = |key: &str| {
+            format!("  - name: on\n    onenet: {{ product_id: p, device_name: d, access_key: {key} }}\n")
+        };
+        let mqtt = |url: &str| {
+            format!("  - name: cloud\n    url: {url}\n    forward: [{{ topics: 'a/#' }}]\n")
+        };
+        let running = config(&format!(
+            "{base}{}{}",
+            onenet("a2V5"),
+            mqtt("mqtt://127.0.0.1:1")
+        ));
+        let new = config(&format!(
+            "{base}{}{}",
+            onenet("b3RoZXI="),
+            mqtt("mqtt://127.0.0.1:2")
+        ));
+        let (live, restart) = split_live(&running, new.clone());
+        assert_eq!(restart, ["bridges (OneNET)"]);
+        let on = |c: &Config| c.bridges.iter().find(|b| b.name == "on").cloned();
+        assert_eq!(on(&live), on(&running));
+        let cloud = |c: &Config| c.bridges.iter().find(|b| b.name == "cloud").cloned();
+        assert_eq!(cloud(&live), cloud(&new), "generic bridges are reloaded");
     }
 }
