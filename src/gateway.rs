@@ -169,13 +169,15 @@ impl Gateway {
         })
     }
 
-    /// Applies a new, valid config (SIGHUP). Devices whose settings did
-    /// not change keep running untouched (a shared serial bus keeps
-    /// polling as long as none of its devices changed); changed ones
-    /// restart; mappings and commands switch over at once. Settings that
-    /// only a restart can apply (`gateway`, `broker`, `metrics`) keep their
-    /// running values and are listed in the report. On an error nothing
-    /// has changed.
+    /// Applies a new, valid config (SIGHUP). Devices and bridges whose
+    /// settings did not change keep running untouched (a shared serial bus
+    /// keeps polling as long as none of its devices changed; a bridge keeps
+    /// its connection and queue); changed ones restart; mappings and
+    /// commands switch over at once. Settings that only a restart can apply
+    /// (see [`reload::split_live`]) keep their running values and are
+    /// listed in the report. The checks that can refuse a reload (a
+    /// bridge's certificate files, a device's driver) run before anything
+    /// stops, so a refused reload changed nothing.
     pub async fn reload(&mut self, new: Config) -> Result<ConfigReload, GatewayError> {
         let (new, needs_restart) = reload::split_live(&self.config, new);
         // Everything that can be refused is checked before anything stops.
