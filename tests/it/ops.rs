@@ -232,8 +232,13 @@ fn the_packaged_config_is_the_shipped_one_with_the_state_directory() {
         .zip(packaged.lines())
         .filter(|(a, b)| a != b)
         .collect();
-    assert_eq!(shipped.lines().count(), packaged.lines().count());
-    assert_eq!(differ.len(), 1, "only data_dir may differ: {differ:?}");
+    // After an edit of config.yaml, regenerate the packaged copy with:
+    //   sed 's#^  data_dir: ./data .*#  data_dir: /var/lib/edgebridge   \# durable bridge queues (the service'"'"'s StateDirectory)#' \
+    //     config.yaml > packaging/config.yaml
+    let hint = "packaging/config.yaml must be config.yaml with only `data_dir` changed; \
+                regenerate it with the sed command in this test";
+    assert_eq!(shipped.lines().count(), packaged.lines().count(), "{hint}");
+    assert_eq!(differ.len(), 1, "{hint}: {differ:?}");
     assert!(differ[0].0.trim_start().starts_with("data_dir: ./data"));
     assert!(differ[0]
         .1

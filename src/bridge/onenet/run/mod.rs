@@ -319,7 +319,13 @@ impl OneNetBridge {
         let task = tokio::spawn(async move {
             tokio::join!(intake.run(link, a), connection.run(b));
         });
-        Ok(RunningBridge { name, status, task })
+        crate::ops::metrics::watch_bridge(&name, status.clone());
+        Ok(RunningBridge {
+            name,
+            status,
+            task,
+            stop: shutdown.clone(),
+        })
     }
 }
 
