@@ -58,7 +58,14 @@ impl Devices {
     /// Writes `value` to `device/point` and waits for the driver's answer.
     pub async fn write(&self, device: &str, point: &str, value: Value) -> CommandResult {
         let result = self.write_inner(device, point, value).await;
-        crate::ops::metrics::command(device, result.is_ok());
+        // A rule may name any device; only configured names become labels,
+        // so a stream of made-up names cannot grow the metrics without end.
+        let known = self
+            .senders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(device);
+        crate::ops::metrics::command(if known { device } else { "(unknown)" }, result.is_ok());
         result
     }
 
