@@ -1002,3 +1002,36 @@ async fn bridge_metrics_health_and_a_sighup_that_keeps_the_bridge_connected() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_work_after_a_reload_that_restarts_their_device() {
+    let yaml = |poll: &str| {
+        support::yaml_with_broker(&format!(
+            "devices:\n  - {{ name: d, driver: simulator, poll: {poll}, points: [{{ name: relay, wave: constant, type: bool, writable: true }}] }}\ncommands:\n  - {{ topic: cmd/relay, write: d/relay }}\n"
+        ))
+    };
+    let mut gw = support::start(&yaml("100ms")).await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-cmd-reload",
+        &["cmd/relay/result"],
+    )
+    .await;
+    let report = gw.reload(support::config(&yaml("200ms"))).await.unwrap();
+    assert_eq!(report.devices.restarted, ["d"]);
+    assert!(report.commands_changed);
+    c.client
+        .publish("cmd/relay", rumqttc::QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    let r = c.expect("cmd/relay/result", Duration::from_secs(5)).await;
+    assert!(r.payload.contains("\"ok\":true"), "{}", r.payload);
+    // Exactly one answer: the old command subscription is gone.
+    let more = c
+        .drain_where(Duration::from_millis(300), |g| {
+            g.topic == "cmd/relay/result"
+        })
+        .await;
+    assert!(more.is_empty(), "{more:?}");
+    gw.shutdown().await;
+}
