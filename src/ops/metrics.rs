@@ -19,9 +19,14 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 use crate::bridge::BridgeStatus;
 use crate::config::MetricsConfig;
 
-/// Set once the endpoint's recorder is installed; watchers that only feed
-/// metrics are not started without it.
+/// Set once the endpoint's recorder is installed. Without it every
+/// recording function returns at once (no label strings are built on the
+/// hot paths) and watchers that only feed metrics are not started.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+fn enabled() -> bool {
+    INSTALLED.load(Ordering::Relaxed)
+}
 
 /// Every metric name, with its help text, in the order the README lists
 /// them.
@@ -197,6 +202,9 @@ pub enum PollOutcome {
 
 /// One poll of `device` that took `elapsed`.
 pub fn device_poll(device: &str, outcome: PollOutcome, elapsed: Duration) {
+    if !enabled() {
+        return;
+    }
     let d = device.to_string();
     counter!(DEVICE_POLLS, "device" => d.clone()).increment(1);
     histogram!(DEVICE_POLL_DURATION, "device" => d.clone()).record(elapsed.as_secs_f64());
@@ -213,38 +221,62 @@ pub fn device_poll(device: &str, outcome: PollOutcome, elapsed: Duration) {
 }
 
 pub fn device_up(device: &str, up: bool) {
+    if !enabled() {
+        return;
+    }
     gauge!(DEVICE_UP, "device" => device.to_string()).set(if up { 1.0 } else { 0.0 });
 }
 
 pub fn readings(device: &str, n: usize) {
+    if !enabled() {
+        return;
+    }
     counter!(READINGS, "device" => device.to_string()).increment(n as u64);
 }
 
 /// Time `port` (e.g. `/dev/ttyUSB0`) was held by one request and its
 /// answer (or its timeout).
 pub fn serial_bus_request(port: &str, busy: Duration) {
+    if !enabled() {
+        return;
+    }
     histogram!(SERIAL_BUS_REQUEST, "port" => port.to_string()).record(busy.as_secs_f64());
 }
 
 pub fn pipeline_messages(n: usize) {
+    if !enabled() {
+        return;
+    }
     counter!(PIPELINE_MESSAGES).increment(n as u64);
 }
 
 pub fn bus_message() {
+    if !enabled() {
+        return;
+    }
     counter!(BUS_MESSAGES).increment(1);
 }
 
 pub fn broker_connections(n: usize) {
+    if !enabled() {
+        return;
+    }
     gauge!(BROKER_CONNECTIONS).set(n as f64);
 }
 
 pub fn command(device: &str, ok: bool) {
+    if !enabled() {
+        return;
+    }
     let result = if ok { "ok" } else { "error" };
     counter!(COMMANDS, "device" => device.to_string(), "result" => result).increment(1);
 }
 
 /// One call of `function` in rule file `file`.
 pub fn rule_call(file: &str, function: &str, ok: bool, elapsed: Duration) {
+    if !enabled() {
+        return;
+    }
     let f = file.to_string();
     counter!(RULE_CALLS, "file" => f.clone(), "function" => function.to_string()).increment(1);
     histogram!(RULE_DURATION, "file" => f.clone()).record(elapsed.as_secs_f64());
@@ -254,23 +286,38 @@ pub fn rule_call(file: &str, function: &str, ok: bool, elapsed: Duration) {
 }
 
 pub fn bridge_connected(bridge: &str, connected: bool) {
+    if !enabled() {
+        return;
+    }
     gauge!(BRIDGE_CONNECTED, "bridge" => bridge.to_string()).set(if connected { 1.0 } else { 0.0 });
 }
 
 pub fn bridge_queue(bridge: &str, messages: u64, bytes: u64) {
+    if !enabled() {
+        return;
+    }
     gauge!(BRIDGE_QUEUE_MESSAGES, "bridge" => bridge.to_string()).set(messages as f64);
     gauge!(BRIDGE_QUEUE_BYTES, "bridge" => bridge.to_string()).set(bytes as f64);
 }
 
 pub fn bridge_forwarded(bridge: &str, n: u64) {
+    if !enabled() {
+        return;
+    }
     counter!(BRIDGE_FORWARDED, "bridge" => bridge.to_string()).increment(n);
 }
 
 pub fn bridge_dropped(bridge: &str, n: u64) {
+    if !enabled() {
+        return;
+    }
     counter!(BRIDGE_DROPPED, "bridge" => bridge.to_string()).increment(n);
 }
 
 pub fn bridge_redelivered(bridge: &str, n: u64) {
+    if !enabled() {
+        return;
+    }
     counter!(BRIDGE_REDELIVERED, "bridge" => bridge.to_string()).increment(n);
 }
 
@@ -278,7 +325,7 @@ pub fn bridge_redelivered(bridge: &str, n: u64) {
 /// the bridge metrics until the bridge ends. Counters only ever grow: after
 /// a restart of the bridge (a reload) its new counts are added on top.
 pub fn watch_bridge(bridge: &str, mut status: tokio::sync::watch::Receiver<BridgeStatus>) {
-    if !INSTALLED.load(Ordering::Relaxed) {
+    if !enabled() {
         return;
     }
     let bridge = bridge.to_string();
@@ -305,5 +352,8 @@ pub fn watch_bridge(bridge: &str, mut status: tokio::sync::watch::Receiver<Bridg
 }
 
 pub fn reload(ok: bool) {
+    if !enabled() {
+        return;
+    }
     counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
 }
