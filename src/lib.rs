@@ -12,3 +12,4 @@ pub mod model;
 pub mod ops;
 pub mod pipeline;
 pub mod status;
+pub mod topic;

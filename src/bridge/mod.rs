@@ -13,7 +13,6 @@ pub mod mqtt;
 pub mod onenet;
 pub mod queue;
 mod task;
-pub mod topic;
 
 pub use local::{check_files, start, start_all, BusLink, RunningBridge, StartError};
 pub use task::{status_topic, Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};

@@ -49,9 +49,9 @@ use super::mqtt::{
     RemoteSender, SetupError,
 };
 use super::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
-use super::topic;
 use crate::config::{BridgeConfig, Config, ReconnectConfig, TopicRoute};
 use crate::model::{now_ms, Message, Millis, Qos};
+use crate::topic;
 
 /// The bridge's side of the local bus: a subscription to its `forward`
 /// filters, and a way to publish downlink messages and its status.

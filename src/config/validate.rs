@@ -456,7 +456,7 @@ fn bridges(config: &Config, p: &mut Problems) {
         for (list, routes) in [("forward", &b.forward), ("subscribe", &b.subscribe)] {
             for (j, r) in routes.iter().enumerate() {
                 let here = format!("bridges[{i}].{list}[{j}]");
-                if let Err(e) = crate::bridge::topic::check_filter(&r.topics) {
+                if let Err(e) = crate::topic::check_filter(&r.topics) {
                     p.add(format!("{here}.topics"), e);
                 }
                 if r.remote_prefix.contains(['+', '#']) {

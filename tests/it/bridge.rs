@@ -37,7 +37,7 @@ impl LocalLink for TestLink {
 
     async fn publish(&mut self, m: Message) -> Result<(), String> {
         if let Some((filter, tx)) = &self.loopback {
-            if edgebridge::bridge::topic::matches(filter, &m.topic) {
+            if edgebridge::topic::matches(filter, &m.topic) {
                 tx.send(m.clone()).await.map_err(|e| e.to_string())?;
             }
         }

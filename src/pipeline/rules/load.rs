@@ -12,6 +12,8 @@ use rhai::{Dynamic, Map, AST};
 
 use super::sandbox::{FileScope, Sandbox};
 
+pub use crate::topic::{check_filter, matches as filter_matches};
+
 /// One problem with a rule file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuleError {
@@ -329,43 +331,6 @@ fn subscribe_filters(v: &Dynamic) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// An MQTT topic filter: `+` a whole level, `#` only as the last level.
-pub fn check_filter(f: &str) -> Result<(), String> {
-    if f.is_empty() {
-        return Err("an empty topic filter".into());
-    }
-    let levels: Vec<&str> = f.split('/').collect();
-    for (i, level) in levels.iter().enumerate() {
-        let bad_plus = level.contains('+') && *level != "+";
-        let bad_hash = level.contains('#') && (*level != "#" || i + 1 != levels.len());
-        if bad_plus || bad_hash || level.contains('\0') {
-            return Err(format!(
-                "`{f}` is not a valid filter (`+` stands for a whole level, `#` only at the end)"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Whether `topic` matches the MQTT filter `filter`.
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    // Topics starting with `$` are not matched by wildcards at the first level.
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 /// 1-based line and column of the first `needle` in `source` (1:1 if absent).
 pub(crate) fn locate(source: &str, needle: &str) -> (usize, usize) {
     let Some(offset) = source.find(needle) else {
@@ -380,21 +345,6 @@ pub(crate) fn locate(source: &str, needle: &str) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn filters() {
-        assert!(filter_matches("cmd/#", "cmd/led"));
-        assert!(filter_matches("cmd/#", "cmd"));
-        assert!(filter_matches("cmd/+/set", "cmd/led/set"));
-        assert!(!filter_matches("cmd/+/set", "cmd/led/get"));
-        assert!(!filter_matches("cmd/led", "cmd/led/result"));
-        assert!(filter_matches("#", "a/b"));
-        assert!(!filter_matches("#", "$SYS/x"));
-        assert!(check_filter("a/+/#").is_ok());
-        assert!(check_filter("a/#/b").is_err());
-        assert!(check_filter("a+").is_err());
-        assert!(check_filter("").is_err());
-    }
 
     #[test]
     fn failure_logs_are_limited_per_window() {

@@ -48,13 +48,13 @@ use crate::bridge::mqtt::{
     RemoteEvent, RemoteOptions, RemoteSender, TlsError,
 };
 use crate::bridge::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
-use crate::bridge::topic::matches;
 use crate::bridge::{status_topic, BridgeStatus, BusLink, LocalLink, RunningBridge};
 use crate::bus::{Bus, BusError};
 use crate::config::{
     BridgeConfig, Config, MqttProtocol, OneNetConfig, OneNetMode, SubDeviceConfig,
 };
 use crate::model::{now_ms, Message, Qos};
+use crate::topic::matches;
 
 /// Problems that stop a OneNET bridge from starting.
 #[derive(Debug, thiserror::Error)]

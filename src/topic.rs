@@ -1,5 +1,5 @@
-//! MQTT topic filters: validity and matching, for the bridge's forward
-//! filters and the loop guard.
+//! MQTT topic filters: validity and matching, shared by the bridges'
+//! forward filters and loop guard and the rules' `SUBSCRIBE` lists.
 
 /// Checks an MQTT topic filter: not empty, `#` only as the last level,
 /// `+` and `#` only as whole levels.
@@ -12,6 +12,11 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
         if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
             return Err(format!(
                 "invalid filter `{filter}`: `#` must be a whole level and the last one"
+            ));
+        }
+        if level.contains('\0') {
+            return Err(format!(
+                "invalid filter `{filter}`: it contains a NUL character"
             ));
         }
         if level.contains('+') && *level != "+" {
