@@ -7,6 +7,7 @@ use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
 };
 use argon2::Argon2;
+use tokio::sync::Semaphore;
 
 use crate::config::UserConfig;
 
@@ -20,9 +21,22 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
 
 /// Username -> PHC hash. Verification compares in constant time (argon2's
 /// `verify_password` compares the derived hashes with `subtle`).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Users {
     hashes: Arc<HashMap<String, String>>,
+    /// Bounds concurrent argon2 checks: each takes ~19 MiB and tens of ms,
+    /// so a flood of logins must queue instead of filling the blocking
+    /// thread pool (512 threads x 19 MiB) and the memory.
+    slots: Arc<Semaphore>,
+}
+
+/// Password checks running at once; more wait their turn.
+pub const CONCURRENT_CHECKS: usize = 2;
+
+impl Default for Users {
+    fn default() -> Users {
+        Users::new(&[])
+    }
 }
 
 impl std::fmt::Debug for Users {
@@ -42,7 +56,20 @@ impl Users {
                     .map(|u| (u.username.clone(), u.password_hash.expose().to_string()))
                     .collect(),
             ),
+            slots: Arc::new(Semaphore::new(CONCURRENT_CHECKS)),
         }
+    }
+
+    /// [`Users::verify`] off the async threads, at most
+    /// [`CONCURRENT_CHECKS`] at a time.
+    pub async fn check(&self, username: String, password: String) -> bool {
+        let Ok(_permit) = self.slots.acquire().await else {
+            return false;
+        };
+        let users = self.clone();
+        tokio::task::spawn_blocking(move || users.verify(&username, &password))
+            .await
+            .unwrap_or(false)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,5 +110,28 @@ mod tests {
         assert!(users.verify("evse", "pw1"));
         assert!(!users.verify("evse", "pw2"));
         assert!(!users.verify("other", "pw1"));
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_are_bounded_and_all_answered() {
+        let hash = hash_password("pw1").unwrap();
+        let users = Users::new(&[UserConfig {
+            username: "evse".into(),
+            password_hash: Secret::new(hash),
+        }]);
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let u = users.clone();
+                tokio::spawn(async move {
+                    let pw = if i % 2 == 0 { "pw1" } else { "bad" };
+                    (i, u.check("evse".into(), pw.into()).await)
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (i, ok) = t.await.unwrap();
+            assert_eq!(ok, i % 2 == 0);
+        }
+        assert_eq!(users.slots.available_permits(), CONCURRENT_CHECKS);
     }
 }

@@ -34,6 +34,11 @@ pub enum BrokerError {
     Link(String),
 }
 
+/// Longest client id accepted on a listener with users (rumqttd itself
+/// only bounds it by the packet size). MQTT 3.1.1 requires 23 bytes to
+/// work; 256 leaves room for UUIDs and hostnames.
+pub const MAX_CLIENT_ID_LEN: usize = 256;
+
 type LinkFactory = dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync;
 
 /// A running embedded broker.
@@ -100,12 +105,21 @@ impl EmbeddedBroker {
             };
             if !users.is_empty() {
                 let users = users.clone();
-                settings.set_auth_handler(move |_client, user, pass| {
+                settings.set_auth_handler(move |client: String, user, pass| {
                     let users = users.clone();
                     async move {
-                        tokio::task::spawn_blocking(move || users.verify(&user, &pass))
-                            .await
-                            .unwrap_or(false)
+                        // rumqttd keeps every client id it has seen for the
+                        // life of the process; bound what a client can make
+                        // it keep.
+                        if client.len() > MAX_CLIENT_ID_LEN {
+                            tracing::warn!(
+                                len = client.len(),
+                                max = MAX_CLIENT_ID_LEN,
+                                "client id too long: refused"
+                            );
+                            return false;
+                        }
+                        users.check(user, pass).await
                     }
                 });
             }

@@ -13,3 +13,4 @@ mod onenet;
 mod onenet_gateway;
 mod ops;
 mod rules;
+mod security;

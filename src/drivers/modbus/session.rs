@@ -15,7 +15,7 @@ use tokio_modbus::{ExceptionCode, ProtocolError, Request, Response, Slave};
 use crate::config::{LineSettings, Table};
 
 use super::plan::Block;
-use super::transport::{open_serial, Link};
+use super::transport::{open_serial, Io, Link};
 
 /// Why one request failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -153,6 +153,22 @@ impl Session {
         self.conn = Some(conn);
         self.last_io = None;
         Ok(())
+    }
+
+    /// Uses an already open stream instead of opening the endpoint, with
+    /// the endpoint's framing (RTU for `Serial`, MBAP for `Tcp`). For the
+    /// fuzz harness and tests, which talk over an in-memory pipe.
+    pub fn attach(&mut self, io: impl Io) {
+        self.close();
+        let serial = matches!(self.endpoint, Endpoint::Serial { .. });
+        let link = Link::new(io, !serial);
+        let ctx = if serial {
+            rtu::attach_slave(link.clone(), Slave(1))
+        } else {
+            tcp::attach_slave(link.clone(), Slave(1))
+        };
+        self.conn = Some(Conn { ctx, link });
+        self.last_io = None;
     }
 
     /// Closes the port or connection (it is reopened by [`Session::open`]).

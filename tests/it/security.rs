@@ -1,0 +1,349 @@
+//! Security review, as tests: who may connect, what the broker bounds, and
+//! that secrets stay out of every output of the real binary.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use edgebridge::broker::{hash_password, MAX_CLIENT_ID_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{self, Client};
+
+/// Distinctive values, so that a grep for them finds nothing else.
+const CLOUD_PASSWORD: &str = "cl0ud-PW-9f3a1c";
+const ONENET_KEY: &str = "0n3n3t-KEY-7d2b4e";
+const EXTERNAL_PASSWORD: &str = "ext-PW-5e8c0a";
+const MQTT_PASSWORD: &str = "mqtt-PW-1b6d9f";
+const WRONG_PASSWORD: &str = "wr0ng-PW-3c7a2e";
+
+/// A config with every kind of secret: bridge password, OneNET key and a
+/// broker user's hash (the hash is secret too: it can be attacked offline).
+fn secret_config(port: u16, hash: &str) -> String {
+    format!(
+        r#"gateway: {{ id: sec-gw }}
+broker:
+  listeners:
+    - {{ bind: "127.0.0.1:{port}", protocol: mqtt }}
+  users:
+    - {{ username: evse, password_hash: "{hash}" }}
+devices:
+  - {{ name: d, driver: simulator, poll: 100ms, points: [{{ name: p, wave: sine }}] }}
+bridges:
+  - name: cloud
+    url: mqtt://127.0.0.1:9
+    client_id: sec-gw
+    username: sec-gw
+    password: ${{EB_TEST_CLOUD_PASSWORD}}
+    forward:
+      - {{ topics: "PV/#", remote_prefix: "site/" }}
+  - name: onenet
+    url: mqtt://127.0.0.1:9
+    onenet:
+      product_id: abc123
+      device_name: sec-gw
+      access_key: ${{EB_TEST_ONENET_KEY}}
+"#
+    )
+}
+
+fn edgebridge(args: &[&str], dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgebridge"));
+    c.args(args)
+        .current_dir(dir)
+        .env("EB_TEST_CLOUD_PASSWORD", CLOUD_PASSWORD)
+        .env("EB_TEST_ONENET_KEY", ONENET_KEY)
+        .env("EB_TEST_EXTERNAL_PASSWORD", EXTERNAL_PASSWORD);
+    c
+}
+
+fn assert_no_secret(what: &str, text: &str, hash: &str) {
+    for s in [
+        CLOUD_PASSWORD,
+        ONENET_KEY,
+        EXTERNAL_PASSWORD,
+        MQTT_PASSWORD,
+        WRONG_PASSWORD,
+        hash,
+    ] {
+        assert!(!text.contains(s), "{what} shows a secret `{s}`:\n{text}");
+    }
+    // The hash's salt+digest part alone must not show either.
+    let digest = hash.rsplit('$').next().unwrap_or(hash);
+    assert!(
+        !text.contains(digest),
+        "{what} shows the hash digest:\n{text}"
+    );
+}
+
+#[test]
+fn check_and_debug_never_show_secrets() {
+    let hash = hash_password(MQTT_PASSWORD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, secret_config(support::free_port(), &hash)).unwrap();
+
+    let out = edgebridge(&["check"], dir.path()).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_no_secret("`edgebridge check`", &text, &hash);
+
+    // A config with errors next to the secrets: the messages name the
+    // place, never the value.
+    let broken = secret_config(support::free_port(), &hash)
+        .replace("username: sec-gw", "username: sec-gw\n    passwrd: oops")
+        .replace(
+            "broker:\n",
+            "broker:\n  external_password: ${EB_TEST_EXTERNAL_PASSWORD}\n  enabled: maybe\n",
+        );
+    std::fs::write(&path, broken).unwrap();
+    let out = edgebridge(&["check"], dir.path()).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert_no_secret("`edgebridge check` of a broken config", &text, &hash);
+
+    // Debug of the loaded config (what a `?config` log field would print).
+    let yaml = secret_config(1883, &hash).replace(
+        "broker:\n",
+        "broker:\n  external_password: ${EB_TEST_EXTERNAL_PASSWORD}\n",
+    );
+    let env = |k: &str| match k {
+        "EB_TEST_CLOUD_PASSWORD" => Some(CLOUD_PASSWORD.to_string()),
+        "EB_TEST_ONENET_KEY" => Some(ONENET_KEY.to_string()),
+        "EB_TEST_EXTERNAL_PASSWORD" => Some(EXTERNAL_PASSWORD.to_string()),
+        _ => None,
+    };
+    let config =
+        edgebridge::config::Config::from_text(std::path::Path::new("c.yaml"), &yaml, env).unwrap();
+    assert_no_secret("Debug of Config", &format!("{config:?}"), &hash);
+    assert_no_secret("pretty Debug of Config", &format!("{config:#?}"), &hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_of_a_running_gateway_never_show_secrets() {
+    let hash = hash_password(MQTT_PASSWORD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    std::fs::write(dir.path().join("config.yaml"), secret_config(port, &hash)).unwrap();
+    let log = dir.path().join("stderr.log");
+    let child = edgebridge(&["run"], dir.path())
+        .env("EDGEBRIDGE_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut bin = support::Binary {
+        child,
+        stderr_path: log.clone(),
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    support::wait_port(addr, Duration::from_secs(10)).await;
+    // A good login, a bad one and no login: all go through the logs.
+    let good = Client::connect_with(addr, "t-good", &["#"], Some(("evse", MQTT_PASSWORD))).await;
+    assert!(good.is_ok(), "{:?}", good.err());
+    assert!(
+        Client::connect_with(addr, "t-bad", &[], Some(("evse", WRONG_PASSWORD)))
+            .await
+            .is_err()
+    );
+    assert!(Client::connect_with(addr, "t-none", &[], None)
+        .await
+        .is_err());
+    let mut good = good.unwrap();
+    // Something flowed through the gateway while tracing.
+    good.expect("edgebridge/sec-gw/status", Duration::from_secs(5))
+        .await;
+    drop(good);
+    bin.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bin.child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap()
+        + &std::fs::read_to_string(dir.path().join("stdout.log")).unwrap();
+    assert!(
+        text.contains("TRACE") || text.contains("DEBUG"),
+        "not a trace log:\n{text}"
+    );
+    assert_no_secret("the gateway's trace log", &text, &hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_users_every_listener_needs_a_login_and_long_client_ids_are_refused() {
+    let hash = hash_password(MQTT_PASSWORD).unwrap();
+    let yaml = format!(
+        "gateway: {{ id: auth-gw }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:0\", protocol: mqtt }}\n  users:\n    - {{ username: evse, password_hash: \"{hash}\" }}\n"
+    );
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    // Loopback too: once users exist, nobody gets in without a login.
+    assert!(Client::connect_with(addr, "t-anon", &[], None)
+        .await
+        .is_err());
+    assert!(
+        Client::connect_with(addr, "t-wrong", &[], Some(("evse", WRONG_PASSWORD)))
+            .await
+            .is_err()
+    );
+    assert!(
+        Client::connect_with(addr, "t-nouser", &[], Some(("nobody", MQTT_PASSWORD)))
+            .await
+            .is_err()
+    );
+    let max_id = "i".repeat(MAX_CLIENT_ID_LEN);
+    assert!(
+        Client::connect_with(addr, &max_id, &[], Some(("evse", MQTT_PASSWORD)))
+            .await
+            .is_ok()
+    );
+    let long_id = "i".repeat(MAX_CLIENT_ID_LEN + 1);
+    assert!(
+        Client::connect_with(addr, &long_id, &[], Some(("evse", MQTT_PASSWORD)))
+            .await
+            .is_err()
+    );
+    // A flood of parallel logins is answered (queued, not crashed), and a
+    // good login still works afterwards (once the queue drained: argon2 is
+    // slow in a debug build).
+    let flood: Vec<_> = (0..6)
+        .map(|i| {
+            tokio::spawn(async move {
+                Client::connect_with(addr, &format!("t-flood-{i}"), &[], Some(("evse", "x")))
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    for f in flood {
+        assert!(f.await.unwrap(), "a wrong password got in");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match Client::connect_with(addr, "t-after", &[], Some(("evse", MQTT_PASSWORD))).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "no good login after the flood: {e}"
+            ),
+        }
+    }
+    gw.shutdown().await;
+}
+
+#[test]
+fn a_listener_beyond_loopback_without_users_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "gateway: { id: gw }\nbroker:\n  listeners:\n    - { bind: \"0.0.0.0:0\", protocol: mqtt }\n",
+    )
+    .unwrap();
+    let out = edgebridge(&["run"], dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reachable beyond this machine"), "{err}");
+}
+
+/// MQTT 3.1.1 CONNECT with a clean session.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    packet(0x10, &body)
+}
+
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
+/// Connects raw; `true` when a successful CONNACK came back.
+async fn raw_connect(addr: SocketAddr, id: &str) -> (bool, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_packet(id)).await.unwrap();
+    let mut ack = [0u8; 4];
+    let ok = matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack)).await,
+        Ok(Ok(_))
+    ) && ack == [0x20, 2, 0, 0];
+    (ok, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_and_connection_limits_hold_and_others_keep_being_served() {
+    let yaml = support::yaml_with_broker(
+        "devices:\n  - { name: d, driver: simulator, poll: 50ms, points: [{ name: p, wave: sine }] }\nmappings:\n  - { match: '*/*', topic: 'x/{point}' }\n",
+    )
+    .replace("broker:\n", "broker:\n  max_payload_size: 1KiB\n  max_connections: 12\n");
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let mut watcher = Client::connect(addr, "t-watch", &["x/p"]).await;
+
+    // An oversized publish disconnects only its sender.
+    let (ok, mut big) = raw_connect(addr, "t-big").await;
+    assert!(ok);
+    let mut body = vec![0, 5, b'b', b'i', b'g', b'/', b'x'];
+    body.extend(std::iter::repeat_n(b'z', 2048));
+    big.write_all(&packet(0x30, &body)).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), big.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an oversized publish did not close the connection: {closed:?}"
+    );
+    watcher.expect("x/p", Duration::from_secs(5)).await;
+
+    // Connections past the limit get no CONNACK; the gateway's own links
+    // count too, so open until refused, then check a slot frees up.
+    let mut open = Vec::new();
+    let mut refused = false;
+    for i in 0..16 {
+        let (ok, s) = raw_connect(addr, &format!("t-c{i}")).await;
+        if !ok {
+            refused = true;
+            break;
+        }
+        open.push(s);
+    }
+    assert!(refused, "the 12-connection limit let {} in", open.len() + 1);
+    assert!(open.len() < 12);
+    drop(open);
+    watcher.expect("x/p", Duration::from_secs(5)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (ok, _s) = raw_connect(addr, "t-again").await;
+        if ok {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}
