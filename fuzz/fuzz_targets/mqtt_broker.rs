@@ -1,0 +1,145 @@
+//! Bytes from a hostile TCP client to a running gateway's MQTT 3.1.1 and 5
+//! listeners. After each input, a well-behaved client must still connect,
+//! subscribe and receive its own publish (the router is alive and serving).
+#![no_main]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use edgebridge::config::{Config, ListenerProtocol};
+use edgebridge::gateway::Gateway;
+use libfuzzer_sys::fuzz_target;
+
+const CONFIG: &str = r#"
+gateway: { id: fuzz-gw, data_dir: /tmp/edgebridge-fuzz-data }
+broker:
+  listeners:
+    - { bind: "127.0.0.1:0", protocol: mqtt }
+    - { bind: "127.0.0.1:0", protocol: mqtt5 }
+"#;
+
+/// The gateway lives for the whole fuzzing run, on its own runtime thread.
+fn gateway() -> &'static (SocketAddr, SocketAddr) {
+    static ADDRS: OnceLock<(SocketAddr, SocketAddr)> = OnceLock::new();
+    ADDRS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let config = Config::from_text(Path::new("fuzz.yaml"), CONFIG, |_| None)
+                    .expect("fuzz config");
+                let gw = Gateway::start(config).await.expect("gateway starts");
+                let v4 = gw.listener(ListenerProtocol::Mqtt).expect("mqtt listener");
+                let v5 = gw.listener(ListenerProtocol::Mqtt5).expect("mqtt5 listener");
+                tx.send((v4, v5)).expect("report addresses");
+                std::future::pending::<()>().await;
+                drop(gw);
+            });
+        });
+        rx.recv().expect("gateway started")
+    })
+}
+
+fn encode_len(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    encode_len(body.len(), &mut p);
+    p.extend_from_slice(body);
+    p
+}
+
+/// Reads one MQTT packet: (first byte, body).
+fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("the probe got an answer in time");
+    let header = b[0];
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        s.read_exact(&mut b).expect("remaining length");
+        len |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+        assert!(shift < 28, "bad remaining length from the broker");
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("packet body");
+    (header, body)
+}
+
+/// A well-behaved 3.1.1 client: CONNECT, SUBSCRIBE, PUBLISH to itself and
+/// wait for that publish (skipping retained ones a fuzzed client left).
+fn probe(addr: SocketAddr, nonce: u64) {
+    let mut s = TcpStream::connect(addr).expect("probe connects");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5];
+    connect.extend_from_slice(b"probe");
+    s.write_all(&packet(0x10, &connect)).unwrap();
+    assert_eq!(read_packet(&mut s), (0x20, vec![0, 0]), "CONNACK");
+    let topic = b"probe/1";
+    let mut sub = vec![0, 1, 0, topic.len() as u8];
+    sub.extend_from_slice(topic);
+    sub.push(0);
+    s.write_all(&packet(0x82, &sub)).unwrap();
+    let mut publish = vec![0, topic.len() as u8];
+    publish.extend_from_slice(topic);
+    let payload = nonce.to_be_bytes();
+    publish.extend_from_slice(&payload);
+    let mut sent = false;
+    for _ in 0..100 {
+        let (h, body) = read_packet(&mut s);
+        if h == 0x90 {
+            assert_eq!(body, [0, 1, 0], "SUBACK");
+            s.write_all(&packet(0x30, &publish)).unwrap();
+            sent = true;
+        } else if h & 0xF0 == 0x30 && sent && body.ends_with(&payload) {
+            let _ = s.write_all(&[0xE0, 0]);
+            return;
+        }
+    }
+    panic!("the probe never got its own publish back");
+}
+
+fuzz_target!(|data: &[u8]| {
+    let &(v4, v5) = gateway();
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let addr = if first & 1 == 0 { v4 } else { v5 };
+    if let Ok(mut s) = TcpStream::connect(addr) {
+        let _ = s.set_nodelay(true);
+        let _ = s.write_all(rest);
+        // Read whatever comes back briefly, so the broker processes it.
+        let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = s.read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    probe(v4, NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+});

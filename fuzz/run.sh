@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds every fuzz target and runs each for a while (default 30 s).
+#   fuzz/run.sh                 # all targets, 30 s each
+#   FUZZ_SECONDS=600 fuzz/run.sh config_load modbus_rtu
+# Needs cargo-fuzz (`cargo install cargo-fuzz --locked`); installs it when
+# missing. Works on the stable toolchain: cargo-fuzz passes nightly-only
+# flags (-Zsanitizer=address, -Cpasses=sancov-module...), which stable rustc
+# accepts with RUSTC_BOOTSTRAP=1.
+# The committed seeds in fuzz/corpus/<target> are read only; new inputs go
+# to a temporary corpus. A crash leaves its input in
+# fuzz/artifacts/<target>/ and makes this script fail.
+set -euo pipefail
+cd "$(dirname "$0")"
+export RUSTC_BOOTSTRAP=1
+seconds="${FUZZ_SECONDS:-30}"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "== installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  mapfile -t targets < <(cargo fuzz list)
+fi
+echo "== building fuzz targets"
+cargo fuzz build
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+failed=()
+for t in "${targets[@]}"; do
+  mkdir -p "$work/$t" "corpus/$t"
+  opts=(-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1)
+  case "$t" in
+    config_load) opts+=(-max_len=8192 -dict=dict/yaml.dict) ;;
+    mqtt_broker) opts+=(-max_len=4096 -detect_leaks=0) ;;
+    *) opts+=(-max_len=4096) ;;
+  esac
+  echo "== fuzzing $t for ${seconds}s"
+  if ! cargo fuzz run "$t" "$work/$t" "corpus/$t" -- "${opts[@]}" 2>"$work/$t.log"; then
+    tail -60 "$work/$t.log"
+    failed+=("$t")
+  else
+    grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb)|^Done' "$work/$t.log" || true
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "fuzzing found problems in: ${failed[*]} (inputs in fuzz/artifacts/)"
+  exit 1
+fi
+echo "fuzzing: ${#targets[@]} targets ran ${seconds}s each without a finding"
