@@ -174,7 +174,9 @@ async fn trace_logs_of_a_running_gateway_never_show_secrets() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let text = std::fs::read_to_string(&log).unwrap()
-        + &std::fs::read_to_string(dir.path().join("stdout.log")).unwrap();
+        + std::fs::read_to_string(dir.path().join("stdout.log"))
+            .unwrap()
+            .as_str();
     assert!(
         text.contains("TRACE") || text.contains("DEBUG"),
         "not a trace log:\n{text}"
@@ -346,4 +348,73 @@ async fn payload_and_connection_limits_hold_and_others_keep_being_served() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.shutdown().await;
+}
+
+/// Rules have no way to the file system, the network or other processes:
+/// every such attempt is a compile error or a failed call, and nothing
+/// happens outside the sandbox.
+#[test]
+fn rules_cannot_touch_files_network_or_processes() {
+    use edgebridge::model::{Quality, Reading, Value};
+    use edgebridge::pipeline::rules::Rules;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim.txt");
+    let v = victim.display().to_string();
+    let attempts: Vec<(&str, String)> = vec![
+        ("read_file", format!("read_file(\"{v}\")")),
+        ("write_file", format!("write_file(\"{v}\", \"x\")")),
+        ("open_file", format!("open_file(\"{v}\")")),
+        ("File", format!("File::open(\"{v}\")")),
+        ("fs", format!("std::fs::write(\"{v}\", \"x\")")),
+        ("system", format!("system(\"touch {v}\")")),
+        ("exec", format!("exec(\"touch\", [\"{v}\"])")),
+        (
+            "command",
+            format!("Command::new(\"touch\").arg(\"{v}\").spawn()"),
+        ),
+        ("spawn", format!("spawn(\"touch {v}\")")),
+        ("connect", "connect(\"127.0.0.1:1883\")".to_string()),
+        ("tcp", "TcpStream::connect(\"127.0.0.1:1883\")".to_string()),
+        ("http", "http_get(\"http://127.0.0.1/\")".to_string()),
+        ("env", "env(\"HOME\")".to_string()),
+        ("exit", "exit(1)".to_string()),
+        ("fn_ptr", format!("Fn(\"write_file\").call(\"{v}\", \"x\")")),
+        (
+            "curry",
+            format!("let f = Fn(\"system\"); f.call(\"touch {v}\")"),
+        ),
+        ("eval", format!("eval(\"write_file(\\\"{v}\\\", 1)\")")),
+        ("import", format!("import \"{v}\" as m;")),
+    ];
+    let reading = Reading {
+        device: Arc::from("d"),
+        point: Arc::from("p"),
+        value: Value::Float(1.0),
+        unit: None,
+        ts: 1,
+        quality: Quality::Good,
+    };
+    for (name, body) in attempts {
+        let src = format!("fn on_reading(r) {{\n  {body};\n  publish(\"escaped\", \"yes\");\n}}\n");
+        let path = dir.path().join(format!("{name}.rhai"));
+        match Rules::from_sources(vec![(path, src.clone())], Duration::from_millis(100)) {
+            // Rejected when compiled (eval, import, unknown syntax).
+            Err(e) => assert!(!e.to_string().is_empty(), "{name}"),
+            Ok(rules) => {
+                let out = rules.on_reading(&reading);
+                assert_eq!(
+                    out.outcome.failures.len(),
+                    1,
+                    "{name}: `{body}` did not fail: {out:?}"
+                );
+                assert!(
+                    out.outcome.publishes.is_empty(),
+                    "{name}: the call went on after `{body}`"
+                );
+            }
+        }
+        assert!(!victim.exists(), "{name}: `{body}` touched the file system");
+    }
 }
