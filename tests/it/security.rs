@@ -182,6 +182,24 @@ async fn trace_logs_of_a_running_gateway_never_show_secrets() {
         "not a trace log:\n{text}"
     );
     assert_no_secret("the gateway's trace log", &text, &hash);
+
+    // The data dir and every queue file in it are private to the service
+    // user (queued messages may carry anything the devices measure).
+    use std::os::unix::fs::PermissionsExt as _;
+    let data = dir.path().join("data");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "data dir mode");
+    let files: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.to_string_lossy().contains("queue")),
+        "no queue file in {files:?}"
+    );
+    for f in files {
+        assert_eq!(mode(&f) & 0o077, 0, "{} is readable by others", f.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
