@@ -13,7 +13,7 @@ use crate::support::{self, Client};
 
 /// Distinctive values, so that a grep for them finds nothing else.
 const CLOUD_PASSWORD: &str = "cl0ud-PW-9f3a1c";
-const ONENET_KEY: &str = "0n3n3t-KEY-7d2b4e";
+const ONENET_KEY: &str = "MG4zbjN0LUtFWS03ZDJiNGUtc2Vrcml0";
 const EXTERNAL_PASSWORD: &str = "ext-PW-5e8c0a";
 const MQTT_PASSWORD: &str = "mqtt-PW-1b6d9f";
 const WRONG_PASSWORD: &str = "wr0ng-PW-3c7a2e";
@@ -182,6 +182,11 @@ async fn trace_logs_of_a_running_gateway_never_show_secrets() {
         "not a trace log:\n{text}"
     );
     assert_no_secret("the gateway's trace log", &text, &hash);
+    // Nor the OneNET token derived from the key (its password on the wire).
+    assert!(
+        !text.contains("sign="),
+        "a OneNET token in the log:\n{text}"
+    );
 
     // The data dir and every queue file in it are private to the service
     // user (queued messages may carry anything the devices measure).
