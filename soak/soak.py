@@ -474,7 +474,7 @@ bridges:
     with open(f"{d}/config.yaml", "w") as f:
         f.write(config)
     gw_log = open(f"{out_dir}/gateway.log", "w")
-    env = dict(os.environ, EDGEBRIDGE_LOG="info")
+    env = dict(os.environ, EDGEBRIDGE_LOG="info,rumqttd=warn,rumqttd::router=off")
     gw = subprocess.Popen([os.path.abspath(a.binary), "run", "--config", f"{d}/config.yaml"],
                           cwd=d, stdout=gw_log, stderr=subprocess.STDOUT, env=env)
     wait_port(ports["local"])
