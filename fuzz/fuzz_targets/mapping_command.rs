@@ -28,41 +28,35 @@ const TYPES: [DataType; 10] = [
     DataType::String,
 ];
 
-#[derive(Debug, libfuzzer_sys::arbitrary::Arbitrary)]
-struct Input {
-    pattern: String,
-    topic: String,
-    payload: String,
-    format: u8,
-    scale: Option<f64>,
-    decimals: Option<u8>,
-    unit: Option<String>,
-    device: String,
-    point: String,
-    value: (u8, i64, f64, String),
-    reading_unit: Option<String>,
-    bad: bool,
-    command: Vec<u8>,
-}
+/// (pattern, topic, payload template, format, scale, decimals, unit),
+/// (device, point, value kind/int/float/text, reading unit, bad quality),
+/// command payload.
+type Input = (
+    (String, String, String, u8, Option<f64>, Option<u8>, Option<String>),
+    (String, String, (u8, i64, f64, String), Option<String>, bool),
+    Vec<u8>,
+);
 
-fuzz_target!(|i: Input| {
+fuzz_target!(|input: Input| {
+    let ((pattern, topic, template, format, scale, decimals, unit), reading_in, command) = input;
+    let (device, point, value, reading_unit, bad) = reading_in;
     // --- mappings
-    let payload = match i.format % 3 {
+    let payload = match format % 3 {
         0 => PayloadFormat::Value,
         1 => PayloadFormat::Json,
-        _ => PayloadFormat::Template(i.payload.clone()),
+        _ => PayloadFormat::Template(template),
     };
     let json = matches!(payload, PayloadFormat::Json);
     let config = MappingConfig {
-        pattern: i.pattern,
-        topic: i.topic,
+        pattern,
+        topic,
         payload,
         qos: QosLevel(Qos::AtLeastOnce),
         retain: false,
         continue_matching: true,
-        scale: i.scale,
-        decimals: i.decimals,
-        unit: i.unit,
+        scale,
+        decimals,
+        unit,
     };
     let catch_all = MappingConfig {
         pattern: "*/*".into(),
@@ -71,20 +65,20 @@ fuzz_target!(|i: Input| {
         ..config.clone()
     };
     let mappings = Mappings::new(&[config, catch_all], "gw-fuzz");
-    let value = match i.value.0 % 5 {
-        0 => Value::Bool(i.value.1 & 1 == 1),
-        1 => Value::Int(i.value.1),
-        2 => Value::UInt(i.value.1 as u64),
-        3 => Value::Float(i.value.2),
-        _ => Value::Text(i.value.3),
+    let value = match value.0 % 5 {
+        0 => Value::Bool(value.1 & 1 == 1),
+        1 => Value::Int(value.1),
+        2 => Value::UInt(value.1 as u64),
+        3 => Value::Float(value.2),
+        _ => Value::Text(value.3),
     };
     let reading = Reading {
-        device: Arc::from(i.device.as_str()),
-        point: Arc::from(i.point.as_str()),
+        device: Arc::from(device.as_str()),
+        point: Arc::from(point.as_str()),
         value,
-        unit: i.reading_unit.as_deref().map(Arc::from),
+        unit: reading_unit.as_deref().map(Arc::from),
         ts: 1_700_000_000_000,
-        quality: if i.bad {
+        quality: if bad {
             Quality::Bad("fuzzed failure".into())
         } else {
             Quality::Good
@@ -106,12 +100,12 @@ fuzz_target!(|i: Input| {
     }
 
     // --- command payloads, as a `commands:` topic would receive them
-    if let Ok(v) = parse_payload(&i.command) {
+    if let Ok(v) = parse_payload(&command) {
         for ty in TYPES {
             if let Ok(c) = coerce(v.clone(), ty) {
                 let _ = Format::of(ty, WordOrder::CDAB).encode(&c);
                 let mut f = Format::of(ty, WordOrder::ABCD);
-                f.scale = i.scale;
+                f.scale = scale;
                 let _ = f.encode(&c);
             }
         }

@@ -32,7 +32,8 @@ fuzz_target!(|input: (u8, u8, u8, Option<f64>, Option<f64>, Vec<u16>)| {
     let order = ORDERS[usize::from(order) % ORDERS.len()];
     let mut f = Format::of(ty, order);
     match ty {
-        DataType::String => f.length = u16::from(extra % 130),
+        // Validation requires 1 or more registers for a string.
+        DataType::String => f.length = u16::from(extra % 129) + 1,
         DataType::Bool => f.bit = Some(extra % 16),
         _ => {
             f.scale = scale;

@@ -306,7 +306,7 @@ impl Config {
             let (line, column) = e
                 .location()
                 .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
+                .unwrap_or_else(|| unlocated_place(&text));
             ConfigErrors::single(err(line, column, strip_location(&e.to_string())))
         })?;
         config.source = path.to_path_buf();
@@ -318,7 +318,7 @@ impl Config {
         let mut errors: Vec<ConfigError> = problems
             .into_iter()
             .map(|p| {
-                let (line, column) = locator.find(&p.path).unwrap_or((0, 0));
+                let (line, column) = locator.find(&p.path).unwrap_or((1, 1));
                 err(line, column, format!("{}: {}", p.path, p.message))
             })
             .collect();
@@ -338,10 +338,53 @@ impl Config {
     }
 }
 
+/// Where to point when the YAML parser gives no place (found by fuzzing:
+/// a file with two documents): the second document's `---` if there is
+/// one, else the start of the file. Every config error names a line.
+fn unlocated_place(text: &str) -> (usize, usize) {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("---") || l.starts_with("..."))
+        .map(|(i, _)| (i + 1, 1))
+        .nth(usize::from(text.trim_start().starts_with("---")))
+        .unwrap_or((1, 1))
+}
+
 /// serde_yaml appends " at line L column C"; we print the place first.
 fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_string(),
         None => msg.to_string(),
+    }
+}
+
+/// Inputs found by `fuzz/` (config_load): every error must name a line.
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        Config::from_text(Path::new("f.yaml"), text, |_| None)
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn two_documents_point_at_the_second() {
+        let e = errors("gateway: { id: a }\n---\ngateway: { id: b }\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].column), (2, 1), "{}", e[0]);
+        assert!(e[0].message.contains("more than one document"), "{}", e[0]);
+        let e = errors("---\ngateway: { id: a }\n---\ngateway: { id: b }\n");
+        assert_eq!(e[0].line, 3, "{}", e[0]);
+    }
+
+    #[test]
+    fn the_fuzzed_file_has_located_errors() {
+        let text = "gateway: { id: gw }\ndevices:\n  - { name: a, listeners:mulator }\n   { name: a, driver: simulator }\nmappings:\n---\n";
+        for e in errors(text) {
+            assert!(e.line > 0, "{e}");
+        }
     }
 }

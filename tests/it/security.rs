@@ -441,3 +441,45 @@ fn rules_cannot_touch_files_network_or_processes() {
         assert!(!victim.exists(), "{name}: `{body}` touched the file system");
     }
 }
+
+/// Found by `fuzz/` (mqtt_decode): rumqttd 0.20's MQTT 5 decoder panics
+/// (`unreachable!()`) on this CONNACK-typed packet with a bad property.
+/// In the gateway the panic stays inside that connection's task: the
+/// broker keeps serving other clients on every listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_that_panics_rumqttds_mqtt5_decoder_kills_only_its_connection() {
+    use edgebridge::config::ListenerProtocol;
+    let mut bad = vec![0x24];
+    bad.extend(std::iter::repeat_n(0x19, 42));
+    bad.extend([0x5b, 0x21, 0x00]);
+    let yaml = support::yaml_with_broker(
+        "devices:\n  - { name: d, driver: simulator, poll: 50ms, points: [{ name: p, wave: sine }] }\nmappings:\n  - { match: '*/*', topic: 'x/{point}' }\n",
+    );
+    let gw = support::start(&yaml).await;
+    let v4 = support::mqtt_addr(&gw);
+    let v5 = gw.listener(ListenerProtocol::Mqtt5).unwrap();
+    let mut watcher = Client::connect(v4, "t-watch5", &["x/p"]).await;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(v5).await.unwrap();
+        s.write_all(&bad).await.unwrap();
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "not closed: {r:?}");
+    }
+    watcher.expect("x/p", Duration::from_secs(5)).await;
+    // New clients are still served on both listeners.
+    let (ok, _s) = raw_connect(v4, "t-after4").await;
+    assert!(ok);
+    let mut s = TcpStream::connect(v5).await.unwrap();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0];
+    body.extend_from_slice(&[0, 8]);
+    body.extend_from_slice(b"t-after5");
+    s.write_all(&packet(0x10, &body)).await.unwrap();
+    let mut ack = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack))
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    assert_eq!(ack[0], 0x20, "a v5 CONNACK");
+    gw.shutdown().await;
+}
