@@ -28,8 +28,12 @@ fuzz_target!(|input: (String, u16, Vec<Vec<u8>>)| {
         // U+FFFD replacement may lengthen invalid bytes (1 -> 3).
         assert!(line.len() <= max * 3, "line of {} > {max}", line.len());
     }
+    // After a reset no partial line is left: bytes without the delimiter
+    // complete nothing.
     framer.reset();
     let mut more = Vec::new();
-    framer.feed(b"after reset", &mut more);
-    assert!(more.is_empty());
+    if !"after reset".contains(delim) {
+        framer.feed(b"after reset", &mut more);
+        assert!(more.is_empty(), "a partial line survived reset: {more:?}");
+    }
 });
