@@ -20,9 +20,10 @@ const WRONG_PASSWORD: &str = "wr0ng-PW-3c7a2e";
 
 /// A config with every kind of secret: bridge password, OneNET key and a
 /// broker user's hash (the hash is secret too: it can be attacked offline).
-fn secret_config(port: u16, hash: &str) -> String {
+fn secret_config(port: u16, mport: u16, hash: &str) -> String {
     format!(
         r#"gateway: {{ id: sec-gw }}
+metrics: {{ bind: "127.0.0.1:{mport}" }}
 broker:
   listeners:
     - {{ bind: "127.0.0.1:{port}", protocol: mqtt }}
@@ -82,7 +83,11 @@ fn check_and_debug_never_show_secrets() {
     let hash = hash_password(MQTT_PASSWORD).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
-    std::fs::write(&path, secret_config(support::free_port(), &hash)).unwrap();
+    std::fs::write(
+        &path,
+        secret_config(support::free_port(), support::free_port(), &hash),
+    )
+    .unwrap();
 
     let out = edgebridge(&["check"], dir.path()).output().unwrap();
     let text = format!(
@@ -95,7 +100,7 @@ fn check_and_debug_never_show_secrets() {
 
     // A config with errors next to the secrets: the messages name the
     // place, never the value.
-    let broken = secret_config(support::free_port(), &hash)
+    let broken = secret_config(support::free_port(), support::free_port(), &hash)
         .replace("username: sec-gw", "username: sec-gw\n    passwrd: oops")
         .replace(
             "broker:\n",
@@ -112,7 +117,7 @@ fn check_and_debug_never_show_secrets() {
     assert_no_secret("`edgebridge check` of a broken config", &text, &hash);
 
     // Debug of the loaded config (what a `?config` log field would print).
-    let yaml = secret_config(1883, &hash).replace(
+    let yaml = secret_config(1883, 9100, &hash).replace(
         "broker:\n",
         "broker:\n  external_password: ${EB_TEST_EXTERNAL_PASSWORD}\n",
     );
@@ -133,7 +138,12 @@ async fn trace_logs_of_a_running_gateway_never_show_secrets() {
     let hash = hash_password(MQTT_PASSWORD).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = support::free_port();
-    std::fs::write(dir.path().join("config.yaml"), secret_config(port, &hash)).unwrap();
+    let mport = support::free_port();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        secret_config(port, mport, &hash),
+    )
+    .unwrap();
     let log = dir.path().join("stderr.log");
     let child = edgebridge(&["run"], dir.path())
         .env("EDGEBRIDGE_LOG", "trace")
@@ -163,6 +173,16 @@ async fn trace_logs_of_a_running_gateway_never_show_secrets() {
     // Something flowed through the gateway while tracing.
     good.expect("edgebridge/sec-gw/status", Duration::from_secs(5))
         .await;
+    // The metrics endpoint shows no secret either.
+    let mut m = TcpStream::connect(("127.0.0.1", mport)).await.unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    m.read_to_string(&mut page).await.unwrap();
+    assert!(page.contains("edgebridge_"), "no metrics: {page}");
+    assert_no_secret("the metrics page", &page, &hash);
+    assert!(!page.contains("sign="), "a OneNET token in the metrics");
     drop(good);
     bin.signal("TERM");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
