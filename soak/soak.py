@@ -544,6 +544,13 @@ bridges:
             time.sleep(1)
         time.sleep(3)
         m_end = metrics(ports["metrics"])
+        # Local clients must still get in at the end (rumqttd 0.20 can
+        # poison a listener: see SOAK.md).
+        try:
+            mqtt_connect(ports["local"], "soak-final-check").close()
+            final_connect = "ok"
+        except (OSError, RuntimeError) as e:
+            final_connect = f"failed: {e}"
         rss1, fds1, start1 = proc_sample(gw.pid)
         alive = gw.poll() is None
     finally:
@@ -588,7 +595,9 @@ bridges:
         checks.append({"check": name, "ok": bool(ok), "detail": detail})
 
     check("gateway never restarted", alive and start0 == start1 and "panicked" not in logtext,
-          f"alive={alive}, same process start time={start0 == start1}")
+          f"alive={alive}, same process start time={start0 == start1}, "
+          f"panics in the log: {logtext.count('panicked at')}")
+    check("a new local client can still connect", final_connect == "ok", final_connect)
     check("every sequence number reached the cloud", n_made > 0 and not missing,
           f"{n_made} made, {len(cloud)} distinct at the cloud, missing {missing[:20]}{'...' if len(missing) > 20 else ''}")
     check("memory did not grow", rss_late <= rss_early * 1.25 + 8192,
@@ -633,6 +642,8 @@ bridges:
             "edgebridge_bridge_dropped_total", "edgebridge_config_reloads_total",
             "edgebridge_readings_total", "edgebridge_bridge_forwarded_total"]},
         "checks": checks,
+        "samples": [{"t": round(t - samples[0][0], 1), "rss_kib": r, "fds": f} for t, r, f, _ in samples[::5]] if samples else [],
+        "panics_in_log": logtext.count("panicked at"),
     }
     with open(f"{out_dir}/result.json", "w") as f:
         json.dump(summary, f, indent=2)
