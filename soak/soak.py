@@ -295,7 +295,7 @@ class SlowSubscriber:
                     self.sock.sendall(mqtt_packet(0x82, b"\x00\x01" + mqtt_str("#") + b"\x01"))
                 self.sock.settimeout(1)
                 self.sock.recv(512)
-            except OSError:
+            except (OSError, RuntimeError):
                 if self.sock:
                     self.sock.close()
                 self.sock = None
