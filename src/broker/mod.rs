@@ -129,10 +129,19 @@ impl EmbeddedBroker {
                     tracing::error!(%addr, error = %e, "listener stopped");
                 }
             });
-            wait_listening(addr, &task).await?;
-            tracing::info!(%addr, protocol = ?l.protocol, auth = !users.is_empty(), "listening");
             listeners.push((addr, l.protocol));
             servers.push(task);
+        }
+        // All listeners start at once; waiting for them one after the other
+        // here costs the slowest, not the sum (start-to-ready, issue 8).
+        for ((addr, protocol), task) in listeners.iter().zip(&servers) {
+            if let Err(e) = wait_listening(*addr, task).await {
+                for s in &servers {
+                    s.abort();
+                }
+                return Err(e);
+            }
+            tracing::info!(%addr, ?protocol, auth = !users.is_empty(), "listening");
         }
         Ok(EmbeddedBroker {
             links,
