@@ -697,12 +697,14 @@ commands:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_drains_within_the_rate_while_new_data_keeps_coming() {
     let s = standin().await;
-    // Five posts per second are produced, one message per second may go:
-    // replaying post by post would never catch up.
+    // Two posts per second are produced, one message per second may go:
+    // replaying post by post would never catch up. Readings are 500 ms
+    // apart and the window is 100 ms, so that even on a loaded machine no
+    // two readings share a window (the later would replace the earlier).
     let devices = "devices:
   - name: pv
     driver: simulator
-    poll: 200ms
+    poll: 500ms
     points:
       - { name: power, wave: ramp, min: 0, max: 1000, period: 1h }
 mappings:
@@ -711,7 +713,7 @@ mappings:
     let cfg = setup(
         &s,
         devices,
-        "      batch_window: 150ms\n",
+        "      batch_window: 100ms\n",
         "    properties:\n      - { topics: PV/power, property: power }\n",
     );
     s.begin_outage();
@@ -761,14 +763,14 @@ async fn a_sub_device_backlog_drains_as_history_with_identities() {
     let devices = "devices:
   - name: m1
     driver: simulator
-    poll: 200ms
+    poll: 500ms
     points:
       - { name: energy, wave: ramp, min: 0, max: 1000, period: 1h }
 mappings:
   - { match: m1/energy, topic: meters/m1/energy, payload: json }
 ";
     let subs = format!(
-        "      batch_window: 150ms
+        "      batch_window: 100ms
       sub_devices:
         - product_id: subprod
           device_name: meter-1
