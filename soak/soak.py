@@ -475,6 +475,9 @@ bridges:
         f.write(config)
     gw_log = open(f"{out_dir}/gateway.log", "w")
     env = dict(os.environ, EDGEBRIDGE_LOG="info,rumqttd=warn,rumqttd::router=off")
+    # As under systemd: a panic backtrace would make a debug binary load
+    # ~170 MiB of debug info and hide the real memory curve.
+    env.pop("RUST_BACKTRACE", None)
     gw = subprocess.Popen([os.path.abspath(a.binary), "run", "--config", f"{d}/config.yaml"],
                           cwd=d, stdout=gw_log, stderr=subprocess.STDOUT, env=env)
     wait_port(ports["local"])
