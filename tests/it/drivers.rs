@@ -206,7 +206,12 @@ async fn a_dead_slave_goes_offline_without_slowing_the_other() {
         &["d/#", "edgebridge/test-gw/devices/+/status"],
     )
     .await;
-    let off = c.expect(&status_topic("dead"), WAIT).await;
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("dead") && g.payload != "online"
+        })
+        .await
+        .expect("a status change away from online");
     let j: serde_json::Value = serde_json::from_str(&off.payload).unwrap();
     assert_eq!(j["status"], "offline");
     assert!(
@@ -315,13 +320,23 @@ async fn unplugged_adapter_goes_offline_and_comes_back_without_restart() {
     assert_eq!(c.expect("d/inv/v", WAIT).await.payload, "1");
     assert_eq!(c.expect(&status_topic("inv"), WAIT).await.payload, "online");
     bus.unplug();
-    let off = c.expect(&status_topic("inv"), WAIT).await;
+    // (The retained and the live `online` may both have arrived: skip to
+    // the first status that is not `online`.)
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("inv") && g.payload != "online"
+        })
+        .await
+        .expect("a status after the unplug");
     assert!(off.payload.contains("offline"), "{}", off.payload);
     // Replugged (a new PTY behind the same path) with a new value.
     sim.set_holding(1, 0, &[2]);
     bus.plug();
-    let on = c.expect(&status_topic("inv"), WAIT).await;
-    assert_eq!(on.payload, "online");
+    c.expect_where(WAIT, |g| {
+        g.topic == status_topic("inv") && g.payload == "online"
+    })
+    .await
+    .expect("online again after the replug");
     c.expect_where(WAIT, |g| g.topic == "d/inv/v" && g.payload == "2")
         .await
         .expect("polling resumed");
@@ -356,7 +371,12 @@ async fn a_missing_port_at_start_is_retried() {
         &["d/#", "edgebridge/test-gw/devices/+/status"],
     )
     .await;
-    let off = c.expect(&status_topic("late"), WAIT).await;
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("late") && g.payload != "online"
+        })
+        .await
+        .expect("a status change away from online");
     assert!(off.payload.contains("cannot open"), "{}", off.payload);
     let sim = Sim::new();
     sim.add_slave(1);
@@ -582,14 +602,20 @@ async fn modbus_tcp_reads_writes_and_reconnects() {
     assert!(!sim.requests().iter().any(|r| r.function == 5));
     // The PLC restarts: connection refused for a while.
     dev.stop();
-    let off = c.expect(&status_topic("meter"), WAIT).await;
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("meter") && g.payload != "online"
+        })
+        .await
+        .expect("a status change away from online");
     assert!(off.payload.contains("offline"), "{}", off.payload);
     sim.set_input(1, 10, &[0xE241, 0x0001]);
     dev.restart().await;
-    assert_eq!(
-        c.expect(&status_topic("meter"), WAIT).await.payload,
-        "online"
-    );
+    c.expect_where(WAIT, |g| {
+        g.topic == status_topic("meter") && g.payload == "online"
+    })
+    .await
+    .expect("online again after the restart");
     c.expect_where(WAIT, |g| {
         g.topic == "d/meter/energy" && g.payload == "123457"
     })
@@ -618,7 +644,12 @@ async fn a_dead_unit_behind_a_tcp_server_backs_off() {
         &["d/#", "edgebridge/test-gw/devices/+/status"],
     )
     .await;
-    let off = c.expect(&status_topic("gone"), WAIT).await;
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("gone") && g.payload != "online"
+        })
+        .await
+        .expect("a status change away from online");
     assert!(
         off.payload.contains("no answer within 100ms"),
         "{}",
@@ -657,7 +688,12 @@ async fn a_gateway_exception_is_a_device_failure_not_a_bad_address() {
         &["d/#", "edgebridge/test-gw/devices/+/status"],
     )
     .await;
-    let off = c.expect(&status_topic("behind"), WAIT).await;
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("behind") && g.payload != "online"
+        })
+        .await
+        .expect("a status change away from online");
     assert!(
         off.payload.contains("Gateway target device"),
         "{}",
@@ -962,7 +998,12 @@ async fn serial_line_turns_each_line_into_a_reading() {
     assert_eq!(c.expect("gps/raw", WAIT).await.payload, "ok");
     // Unplugged and plugged in again: offline, online, lines again.
     port.unplug();
-    let off = c.expect(&status_topic("gps"), WAIT).await;
+    let off = c
+        .expect_where(WAIT, |g| {
+            g.topic == status_topic("gps") && g.payload != "online"
+        })
+        .await
+        .expect("a status change away from online");
     assert!(off.payload.contains("offline"), "{}", off.payload);
     // Counted, and published with the change: 4 lines, 1 oversize, 1 with
     // invalid UTF-8, 1 outage.
@@ -979,7 +1020,11 @@ async fn serial_line_turns_each_line_into_a_reading() {
         serde_json::json!({"lines": 4, "oversize": 1, "invalid_utf8": 1, "transport_errors": 1, "online": false})
     );
     port.plug();
-    assert_eq!(c.expect(&status_topic("gps"), WAIT).await.payload, "online");
+    c.expect_where(WAIT, |g| {
+        g.topic == status_topic("gps") && g.payload == "online"
+    })
+    .await
+    .expect("online again after the replug");
     port.send(b"back\n").await;
     assert_eq!(c.expect("gps/raw", WAIT).await.payload, "back");
     gw.shutdown().await;
