@@ -5,7 +5,8 @@
 mod auth;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
@@ -41,17 +42,22 @@ pub const MAX_CLIENT_ID_LEN: usize = 256;
 
 type LinkFactory = dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync;
 
+/// Starts one listener's rumqttd server task (captures the router).
+type ServerFactory = dyn Fn(ServerSettings, ListenerProtocol) -> JoinHandle<()> + Send + Sync;
+
 /// A running embedded broker.
 pub struct EmbeddedBroker {
     links: Arc<LinkFactory>,
     listeners: Vec<(SocketAddr, ListenerProtocol)>,
-    servers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    servers: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    supervisor: JoinHandle<()>,
 }
 
 impl EmbeddedBroker {
     /// Starts the router and every listener; returns once all listen.
     pub async fn start(config: &Config) -> Result<EmbeddedBroker, BrokerError> {
         let b = &config.broker;
+        watch_listener_panics();
         let router = Router::new(0, router_config(b));
         // The router runs on its own OS thread for the life of the process
         // (rumqttd has no way to stop it); everything else is ours.
@@ -64,9 +70,32 @@ impl EmbeddedBroker {
                 .map(|(t, r, _)| (t, r))
                 .map_err(|e| BrokerError::Link(e.to_string()))
         });
+        let spawn_server: Arc<ServerFactory> = Arc::new(move |settings, protocol| {
+            let tx = router_tx.clone();
+            let addr = settings.listen;
+            tokio::spawn(async move {
+                let result = match protocol {
+                    ListenerProtocol::Mqtt => {
+                        Server::new(settings, tx, V4).start(LinkType::Remote).await
+                    }
+                    ListenerProtocol::Mqtt5 => {
+                        Server::new(settings, tx, V5).start(LinkType::Remote).await
+                    }
+                    ListenerProtocol::Ws => {
+                        Server::new(settings, tx, V4)
+                            .start(LinkType::Websocket)
+                            .await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::error!(%addr, error = %e, "listener stopped");
+                }
+            })
+        });
         let users = Users::new(&b.users);
         let mut listeners = Vec::new();
         let mut servers = Vec::new();
+        let mut specs = Vec::new();
         for l in &b.listeners {
             let addr = resolve_port(l.bind)?;
             let tls = match &l.tls {
@@ -123,26 +152,8 @@ impl EmbeddedBroker {
                     }
                 });
             }
-            let tx = router_tx.clone();
-            let protocol = l.protocol;
-            let task = tokio::spawn(async move {
-                let result = match protocol {
-                    ListenerProtocol::Mqtt => {
-                        Server::new(settings, tx, V4).start(LinkType::Remote).await
-                    }
-                    ListenerProtocol::Mqtt5 => {
-                        Server::new(settings, tx, V5).start(LinkType::Remote).await
-                    }
-                    ListenerProtocol::Ws => {
-                        Server::new(settings, tx, V4)
-                            .start(LinkType::Websocket)
-                            .await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::error!(%addr, error = %e, "listener stopped");
-                }
-            });
+            let task = spawn_server(settings.clone(), l.protocol);
+            specs.push(settings);
             listeners.push((addr, l.protocol));
             servers.push(task);
         }
@@ -157,10 +168,17 @@ impl EmbeddedBroker {
             }
             tracing::info!(%addr, ?protocol, auth = !users.is_empty(), "listening");
         }
+        let servers = Arc::new(std::sync::Mutex::new(servers));
+        let supervisor = tokio::spawn(supervise(
+            servers.clone(),
+            listeners.iter().map(|(_, p)| *p).zip(specs).collect(),
+            spawn_server,
+        ));
         Ok(EmbeddedBroker {
             links,
             listeners,
-            servers: std::sync::Mutex::new(servers),
+            servers,
+            supervisor,
         })
     }
 
@@ -195,6 +213,7 @@ impl EmbeddedBroker {
 
     /// Closes every listener. Connected clients' tasks end with the runtime.
     pub fn close_listeners(&self) {
+        self.supervisor.abort();
         // A poisoned lock only means a panic elsewhere; the handles are fine.
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         for s in servers.drain(..) {
@@ -206,6 +225,90 @@ impl EmbeddedBroker {
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.close_listeners();
+    }
+}
+
+/// Panics inside rumqttd's connection handling (`server/broker.rs`) seen
+/// by the panic hook. rumqttd 0.20 can panic there while holding a
+/// listener's will-handler mutex under fast client reconnects (rumqtt issue
+/// #1062); the poisoned mutex then makes every later CONNECT on that
+/// listener panic too. Restarting the listener's server gives it a fresh
+/// mutex; connected clients are not affected.
+static LISTENER_PANICS: AtomicU64 = AtomicU64::new(0);
+/// Times the supervisor restarted the listeners.
+static LISTENER_RESTARTS: AtomicU64 = AtomicU64::new(0);
+
+/// How often the listeners were restarted after a rumqttd panic.
+pub fn listener_restarts() -> u64 {
+    LISTENER_RESTARTS.load(Ordering::Relaxed)
+}
+
+/// Is a panic at `file` one in rumqttd's per-connection server code?
+fn is_listener_panic(file: &str) -> bool {
+    file.contains("rumqttd") && file.replace('\\', "/").ends_with("server/broker.rs")
+}
+
+/// Counts a listener panic; the supervisor restarts the listeners.
+pub fn note_listener_panic() {
+    LISTENER_PANICS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Installs (once per process) a panic hook that notes rumqttd listener
+/// panics and then reports the panic as before.
+fn watch_listener_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.location().is_some_and(|l| is_listener_panic(l.file())) {
+                note_listener_panic();
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// Restarts every listener after a noted rumqttd panic, at most once a
+/// second, so that a poisoned listener never locks LAN clients out.
+async fn supervise(
+    servers: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    specs: Vec<(ListenerProtocol, ServerSettings)>,
+    spawn_server: Arc<ServerFactory>,
+) {
+    let mut seen = LISTENER_PANICS.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = LISTENER_PANICS.load(Ordering::Relaxed);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        tracing::warn!(
+            panics = now,
+            "a connection task panicked inside rumqttd (known rumqttd 0.20 bug, rumqtt#1062); \
+             restarting the broker's listeners so new clients can connect"
+        );
+        crate::ops::metrics::broker_listener_restart();
+        let old: Vec<JoinHandle<()>> = {
+            let mut s = servers.lock().unwrap_or_else(|e| e.into_inner());
+            s.drain(..).collect()
+        };
+        for task in old {
+            task.abort();
+            let _ = task.await;
+        }
+        let mut fresh = Vec::new();
+        for (protocol, settings) in &specs {
+            let addr = settings.listen;
+            let task = spawn_server(settings.clone(), *protocol);
+            if let Err(e) = wait_listening(addr, &task).await {
+                tracing::error!(%addr, error = %e, "listener did not come back");
+            }
+            fresh.push(task);
+        }
+        *servers.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        LISTENER_RESTARTS.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -295,4 +398,23 @@ fn is_listening(addr: SocketAddr) -> bool {
             })
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rumqttd_server_panics_restart_listeners() {
+        assert!(is_listener_panic(
+            "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/rumqttd-0.20.0/src/server/broker.rs"
+        ));
+        assert!(is_listener_panic(
+            r"C:\cargo\rumqttd-0.20.0\src\server\broker.rs"
+        ));
+        assert!(!is_listener_panic(
+            "/root/.cargo/registry/src/x/rumqttd-0.20.0/src/protocol/v5/mod.rs"
+        ));
+        assert!(!is_listener_panic("src/broker/mod.rs"));
+    }
 }

@@ -78,6 +78,9 @@ pub mod names {
     pub const BRIDGE_REDELIVERED: &str = "edgebridge_bridge_redelivered_total";
     /// Config reloads (SIGHUP), by `result` (`ok` / `error`).
     pub const RELOADS: &str = "edgebridge_config_reloads_total";
+    /// Times the embedded broker's listeners were restarted after a
+    /// connection task panicked inside rumqttd (see README, Troubleshooting).
+    pub const BROKER_LISTENER_RESTARTS: &str = "edgebridge_broker_listener_restarts_total";
     /// Always 1; the `version` label carries the build's version.
     pub const BUILD_INFO: &str = "edgebridge_build_info";
 }
@@ -189,6 +192,10 @@ fn describe() {
     c!(BRIDGE_DROPPED, "Messages dropped from a full queue.");
     c!(BRIDGE_REDELIVERED, "Messages sent again after a reconnect.");
     c!(RELOADS, "Config reloads, by result.");
+    c!(
+        BROKER_LISTENER_RESTARTS,
+        "Restarts of the broker's listeners after a panic inside rumqttd."
+    );
     g!(BUILD_INFO, "Always 1; the version label tells the build.");
 }
 
@@ -356,4 +363,11 @@ pub fn reload(ok: bool) {
         return;
     }
     counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+pub fn broker_listener_restart() {
+    if !enabled() {
+        return;
+    }
+    counter!(BROKER_LISTENER_RESTARTS).increment(1);
 }
