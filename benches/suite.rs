@@ -320,7 +320,13 @@ async fn subscriber(
             }
         }
     });
-    let _ = ready.await;
+    // A bench must fail, not hang, when a broker does not answer.
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(30), ready).await,
+        Ok(Ok(()))
+    ) {
+        panic!("subscriber {id} on port {port}: no SUBACK within 30 s");
+    }
     events
 }
 
