@@ -566,7 +566,7 @@ fn copy_readable_rows(damaged: &Path, into: &Connection) -> u64 {
         };
         // Copied column by column as SQLite values: no decoding, no loss.
         let values: rusqlite::Result<Vec<rusqlite::types::Value>> =
-            (0..7).map(|i| row.get(i)).collect();
+            (0..7).map(|i| row.get_ref(i).map(owned)).collect();
         let Ok(values) = values else {
             break;
         };
@@ -583,6 +583,23 @@ fn copy_readable_rows(damaged: &Path, into: &Connection) -> u64 {
         copied += 1;
     }
     copied
+}
+
+/// An owned copy of a column value. rusqlite's own conversion panics on
+/// TEXT that is not UTF-8, which a damaged file can hold: such bytes are
+/// kept as a BLOB instead (found by the `queue_recovery` fuzz target).
+fn owned(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::Value {
+    use rusqlite::types::{Value, ValueRef};
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(f) => Value::Real(f),
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => Value::Text(s.to_string()),
+            Err(_) => Value::Blob(t.to_vec()),
+        },
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {

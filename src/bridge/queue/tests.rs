@@ -272,3 +272,28 @@ fn garbage_file_is_replaced() {
     q.append(&msgs(0..1)).unwrap();
     assert_eq!(q.stats().depth, 1);
 }
+
+/// Regression (fuzz target `queue_recovery`): a damaged file whose TEXT
+/// column is not UTF-8 made the salvage panic inside rusqlite.
+#[test]
+fn salvage_copies_rows_with_invalid_utf8_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = dir.path().join("damaged.db");
+    {
+        let c = Connection::open(&damaged).unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        c.execute(
+            "INSERT INTO messages (id, ts, qos, retain, size, topic, payload) \
+             VALUES (7, 0, 1, 0, 3, CAST(x'41ff42' AS TEXT), x'00')",
+            [],
+        )
+        .unwrap();
+    }
+    let into = Connection::open_in_memory().unwrap();
+    into.execute_batch(SCHEMA).unwrap();
+    assert_eq!(copy_readable_rows(&damaged, &into), 1);
+    let id: i64 = into
+        .query_row("SELECT id FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(id, 7);
+}
