@@ -530,13 +530,24 @@ async fn gateway_bridges_readings_up_and_commands_down() {
     assert_eq!(topic, "site/gw-it/PV/data");
     assert_eq!(payload, Bytes::from("2500"));
 
-    let status = lan
-        .expect_where(WAIT, |g| {
-            g.topic == "edgebridge/gw-it/bridges/cloud/status"
-                && g.payload.contains("\"connected\":true")
-        })
+    lan.expect_where(WAIT, |g| {
+        g.topic == "edgebridge/gw-it/bridges/cloud/status"
+            && g.payload.contains("\"connected\":true")
+    })
+    .await
+    .expect("a connected status");
+    // The status is retained: a client that subscribes now gets it. (The
+    // one above may have come live, with the retain flag clear.)
+    let mut late = crate::support::Client::connect(
+        crate::support::mqtt_addr(&gw),
+        "it-late",
+        &["edgebridge/gw-it/bridges/cloud/status"],
+    )
+    .await;
+    let status = late
+        .expect_where(WAIT, |g| g.payload.contains("\"connected\":true"))
         .await
-        .expect("a connected status");
+        .expect("the retained connected status");
     assert!(status.retain);
 
     // Retained, so it does not matter when the bridge's SUBSCRIBE lands.
