@@ -354,7 +354,16 @@ fn one_failure(src: &str) -> Failure {
 
 #[test]
 fn an_endless_loop_is_stopped_by_the_deadline() {
-    let f = one_failure("fn on_start() {\n  loop { }\n}");
+    // A short deadline, so that the loop reaches it before the operation
+    // limit (the suite's generous DEADLINE would let the limit win).
+    let mut r = Rules::from_sources(
+        sources(&[("s.rhai", "fn on_start() {\n  loop { }\n}")]),
+        Duration::from_millis(20),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = r.start();
+    assert_eq!(out.failures.len(), 1, "{:?}", out.failures);
+    let f = out.failures[0].clone();
     assert_eq!(f.kind, FailureKind::Deadline, "{f}");
     assert!(f.message.contains("deadline"), "{f}");
     assert_eq!((f.line, f.column), (1, 1), "points at the handler: {f}");
