@@ -9,7 +9,7 @@ use super::*;
 use crate::model::{CommandResult, Qos, Quality, Reading, Value};
 
 /// Generous, so that a loaded CI machine running a debug build never hits
-/// it by accident; tests of the deadline itself use endless loops.
+/// it by accident; the test of the deadline itself sets a short one.
 const DEADLINE: Duration = Duration::from_millis(1000);
 
 fn rules(files: &[(&str, &str)]) -> Rules {
