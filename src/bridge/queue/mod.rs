@@ -365,15 +365,22 @@ impl Queue {
         if n == 0 {
             return Ok(0);
         }
+        self.delete_through(last_id, n, freed)?;
+        tracing::warn!(bridge = %self.name, dropped = n, max_age = ?max_age,
+            "queued messages older than max_age dropped");
+        self.dropped += n;
+        Ok(n)
+    }
+
+    /// Deletes every message with an id up to `last_id` (the `n` oldest,
+    /// `freed` bytes) and updates the depth and size.
+    fn delete_through(&mut self, last_id: i64, n: u64, freed: u64) -> Result<(), QueueError> {
         self.conn
             .execute("DELETE FROM messages WHERE id <= ?1", [last_id])
             .map_err(|source| sql(&self.path, source))?;
         self.depth -= n.min(self.depth);
         self.bytes -= freed.min(self.bytes);
-        tracing::warn!(bridge = %self.name, dropped = n, max_age = ?max_age,
-            "queued messages older than max_age dropped");
-        self.dropped += n;
-        Ok(n)
+        Ok(())
     }
 
     /// Drops the oldest messages until `bytes <= max_bytes`.
@@ -405,11 +412,7 @@ impl Queue {
         if n == 0 {
             return Ok(0);
         }
-        self.conn
-            .execute("DELETE FROM messages WHERE id <= ?1", [last_id])
-            .map_err(|source| sql(&self.path, source))?;
-        self.depth -= n.min(self.depth);
-        self.bytes -= freed.min(self.bytes);
+        self.delete_through(last_id, n, freed)?;
         self.count_drops(n);
         Ok(n)
     }
