@@ -3,10 +3,10 @@
 //! runtime: a busy port is a startup error, and shutdown closes listeners.
 
 mod auth;
+mod supervisor;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
@@ -17,6 +17,9 @@ use rumqttd::{
 use tokio::task::JoinHandle;
 
 pub use auth::{hash_password, Users};
+pub use supervisor::{listener_restarts, note_listener_panic, watch_layer};
+
+use supervisor::{supervise, watch_listener_panics};
 
 use crate::config::{BrokerConfig, Config, ListenerProtocol};
 
@@ -228,90 +231,6 @@ impl Drop for EmbeddedBroker {
     }
 }
 
-/// Panics inside rumqttd's connection handling (`server/broker.rs`) seen
-/// by the panic hook. rumqttd 0.20 can panic there while holding a
-/// listener's will-handler mutex under fast client reconnects (rumqtt issue
-/// #1062); the poisoned mutex then makes every later CONNECT on that
-/// listener panic too. Restarting the listener's server gives it a fresh
-/// mutex; connected clients are not affected.
-static LISTENER_PANICS: AtomicU64 = AtomicU64::new(0);
-/// Times the supervisor restarted the listeners.
-static LISTENER_RESTARTS: AtomicU64 = AtomicU64::new(0);
-
-/// How often the listeners were restarted after a rumqttd panic.
-pub fn listener_restarts() -> u64 {
-    LISTENER_RESTARTS.load(Ordering::Relaxed)
-}
-
-/// Is a panic at `file` one in rumqttd's per-connection server code?
-fn is_listener_panic(file: &str) -> bool {
-    file.contains("rumqttd") && file.replace('\\', "/").ends_with("server/broker.rs")
-}
-
-/// Counts a listener panic; the supervisor restarts the listeners.
-pub fn note_listener_panic() {
-    LISTENER_PANICS.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Installs (once per process) a panic hook that notes rumqttd listener
-/// panics and then reports the panic as before.
-fn watch_listener_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if info.location().is_some_and(|l| is_listener_panic(l.file())) {
-                note_listener_panic();
-            }
-            previous(info);
-        }));
-    });
-}
-
-/// Restarts every listener after a noted rumqttd panic, at most once a
-/// second, so that a poisoned listener never locks LAN clients out.
-async fn supervise(
-    servers: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
-    specs: Vec<(ListenerProtocol, ServerSettings)>,
-    spawn_server: Arc<ServerFactory>,
-) {
-    let mut seen = LISTENER_PANICS.load(Ordering::Relaxed);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let now = LISTENER_PANICS.load(Ordering::Relaxed);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        tracing::warn!(
-            panics = now,
-            "a connection task panicked inside rumqttd (known rumqttd 0.20 bug, rumqtt#1062); \
-             restarting the broker's listeners so new clients can connect"
-        );
-        crate::ops::metrics::broker_listener_restart();
-        let old: Vec<JoinHandle<()>> = {
-            let mut s = servers.lock().unwrap_or_else(|e| e.into_inner());
-            s.drain(..).collect()
-        };
-        for task in old {
-            task.abort();
-            let _ = task.await;
-        }
-        let mut fresh = Vec::new();
-        for (protocol, settings) in &specs {
-            let addr = settings.listen;
-            let task = spawn_server(settings.clone(), *protocol);
-            if let Err(e) = wait_listening(addr, &task).await {
-                tracing::error!(%addr, error = %e, "listener did not come back");
-            }
-            fresh.push(task);
-        }
-        *servers.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
-        LISTENER_RESTARTS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 fn router_config(b: &BrokerConfig) -> RouterConfig {
     RouterConfig {
         max_connections: b.max_connections,
@@ -342,6 +261,9 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
 async fn wait_listening(addr: SocketAddr, task: &JoinHandle<()>) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
+        // A server task just spawned from this worker waits in its queue
+        // behind us: let it bind before reading the (slow) socket table.
+        tokio::task::yield_now().await;
         if task.is_finished() {
             return Err(BrokerError::Listener {
                 addr,
@@ -398,23 +320,4 @@ fn is_listening(addr: SocketAddr) -> bool {
             })
         })
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_rumqttd_server_panics_restart_listeners() {
-        assert!(is_listener_panic(
-            "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/rumqttd-0.20.0/src/server/broker.rs"
-        ));
-        assert!(is_listener_panic(
-            r"C:\cargo\rumqttd-0.20.0\src\server\broker.rs"
-        ));
-        assert!(!is_listener_panic(
-            "/root/.cargo/registry/src/x/rumqttd-0.20.0/src/protocol/v5/mod.rs"
-        ));
-        assert!(!is_listener_panic("src/broker/mod.rs"));
-    }
 }

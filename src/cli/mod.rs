@@ -120,22 +120,29 @@ pub fn main() -> ExitCode {
 /// Logs go to stderr. Under systemd (journald sets `JOURNAL_STREAM`) there
 /// are no timestamps or colours: the journal adds its own.
 fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("EDGEBRIDGE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
     // Colours only on a terminal: a log file or pipe gets plain text.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    if journald {
-        builder.without_time().with_ansi(false).init();
+    let fmt = if journald {
+        fmt.without_time().with_ansi(false).boxed()
     } else {
-        builder.with_ansi(tty).init();
-    }
+        fmt.with_ansi(tty).boxed()
+    };
+    // The broker's watch has a filter of its own: it must see rumqttd's
+    // errors whatever EDGEBRIDGE_LOG says.
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(crate::broker::watch_layer())
+        .init();
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

@@ -503,3 +503,73 @@ async fn a_packet_that_panics_rumqttds_mqtt5_decoder_kills_only_its_connection()
     assert_eq!(ack[0], 0x20, "a v5 CONNACK");
     gw.shutdown().await;
 }
+
+/// rumqttd 0.20 (rumqtt#1062): a client that resets its socket right after
+/// CONNECT leaves a dead will channel behind, and the next CONNECT with the
+/// same client id panicked while holding the listener's mutex, which locked
+/// every later client out of that listener. The broker now restarts its
+/// listeners as soon as rumqttd reports such a connection: no panic, the
+/// client gets back in, and connected clients are not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_during_connect_locks_nobody_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!(
+            "gateway: {{ id: reset-gw }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n\
+             devices:\n  - {{ name: d, driver: simulator, poll: 50ms, points: [{{ name: p, wave: sine }}] }}\n\
+             mappings:\n  - {{ match: '*/*', topic: 'x/{{point}}' }}\n"
+        ),
+    )
+    .unwrap();
+    let bin = support::Binary::spawn(&["run"], dir.path());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    support::wait_port(addr, Duration::from_secs(10)).await;
+    let mut bystander = Client::connect(addr, "t-bystander", &["x/p"]).await;
+    bystander.expect("x/p", Duration::from_secs(5)).await;
+
+    for round in 0..5 {
+        // CONNECT, then an immediate reset (linger 0) before the CONNACK.
+        let s = TcpStream::connect(addr).await.unwrap();
+        // Deprecated because a non-zero linger blocks in `close`; zero is
+        // what a crashing client does: an immediate RST.
+        #[allow(deprecated)]
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        let mut s = s;
+        s.write_all(&connect_packet("t-churn")).await.unwrap();
+        drop(s);
+        // The same client id comes back, as a real client would: it retries
+        // while the listener is being restarted (a few milliseconds).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Ok(mut s) = TcpStream::connect(addr).await {
+                s.write_all(&connect_packet("t-churn")).await.unwrap();
+                let mut ack = [0u8; 4];
+                let r = tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut ack)).await;
+                if matches!(r, Ok(Ok(_))) {
+                    assert_eq!(ack, [0x20, 2, 0, 0], "round {round}: CONNACK refused");
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the client id could not connect again\n{}",
+                bin.stderr()
+            );
+        }
+        let (ok, _s) = raw_connect(addr, &format!("t-other{round}")).await;
+        assert!(ok, "round {round}: another client was refused");
+    }
+    bystander
+        .drain_where(Duration::from_millis(100), |_| true)
+        .await;
+    bystander.expect("x/p", Duration::from_secs(5)).await;
+    let log = bin.stderr();
+    assert!(!log.contains("panicked"), "rumqttd panicked:\n{log}");
+    assert!(
+        log.contains("restarting the broker's listeners"),
+        "no listener restart was logged:\n{log}"
+    );
+}
