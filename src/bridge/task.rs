@@ -191,6 +191,9 @@ pub struct BridgeStatus {
     pub since: Millis,
 }
 
+/// Tracker id of a QoS 0 message sent without the queue (queue ids start
+/// at 1).
+const DIRECT: i64 = 0;
 /// Messages taken from the bus per queue transaction, at most.
 const APPEND_BATCH: usize = 512;
 /// Acknowledged ids deleted per transaction, at most.
@@ -519,12 +522,39 @@ impl<L: LocalLink> Runner<L> {
         let Some((remote_topic, qos)) = self.spec.uplink(&m.topic) else {
             return;
         };
-        self.unsaved.push(Message {
+        let m = Message {
             topic: remote_topic,
             payload: m.payload,
             qos,
             retain: m.retain,
-        });
+        };
+        if qos == Qos::AtMostOnce && self.nothing_waiting() {
+            // QoS 0 promises at most once: while connected with nothing
+            // waiting ahead of it, it goes straight to the connection, as in
+            // Mosquitto's bridge. Offline, or behind a backlog, it is queued
+            // like everything else (order is kept either way).
+            match self
+                .sender
+                .publish(&m.topic, m.payload.clone(), m.qos, m.retain)
+            {
+                Ok(()) => {
+                    self.tracker.sent(DIRECT, Qos::AtMostOnce);
+                    return;
+                }
+                Err(e) => tracing::trace!(error = %e, "connection busy: QoS 0 message queued"),
+            }
+        }
+        self.unsaved.push(m);
+    }
+
+    /// Connected, not paced, and every message taken so far has been handed
+    /// to the connection: a new message may skip the queue.
+    fn nothing_waiting(&self) -> bool {
+        self.connected
+            && self.pacer.is_none()
+            && self.unsaved.is_empty()
+            && self.ready.is_empty()
+            && (self.queue.is_empty() || self.queue.last_id() <= self.cursor)
     }
 
     /// Appends waiting messages and deletes acknowledged ones.
@@ -596,7 +626,9 @@ impl<L: LocalLink> Runner<L> {
             return;
         }
         let window = self.spec.remote.max_inflight as usize;
-        while self.tracker.in_flight() < window {
+        // The window counts what waits for an ack; QoS 0 is bounded by the
+        // connection's request queue (a full one refuses, see below).
+        while self.tracker.awaiting_ack() < window {
             if let Some(pacer) = &mut self.pacer {
                 if !pacer.take(Instant::now()) {
                     return;
@@ -672,7 +704,9 @@ impl<L: LocalLink> Runner<L> {
             }
             Ok(RemoteEvent::Published { pkid }) => {
                 if let Some(id) = self.tracker.on_outgoing_publish(pkid) {
-                    self.acked.push(id);
+                    if id != DIRECT {
+                        self.acked.push(id);
+                    }
                     self.status.forwarded += 1;
                 }
             }
@@ -707,7 +741,9 @@ impl<L: LocalLink> Runner<L> {
         let was_connected = self.connected;
         self.connected = false;
         self.backoff.disconnected();
-        let unacked = self.tracker.reset();
+        let mut unacked = self.tracker.reset();
+        // QoS 0 sent past the queue is not sent again (at most once).
+        unacked.retain(|&id| id != DIRECT);
         self.status.redelivered += unacked.len() as u64;
         self.ready.clear();
         self.cursor = 0;

@@ -381,6 +381,113 @@ async fn outage_with_10000_messages_loses_nothing_and_keeps_order() {
     b.stop().await;
 }
 
+/// QoS 0 skips the durable queue only while nothing waits ahead of it:
+/// live, queued during an outage, and live again while that backlog drains,
+/// each QoS keeps its order and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn qos0_and_qos1_keep_their_order_live_queued_and_while_draining() {
+    const N: u32 = 1000;
+    let mut m = Mosquitto::start(Security::Plain);
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    reconnect: {{ min: 1s, max: 1s }}\n    \
+         forward: [ {{ topics: \"fast/#\", remote_prefix: \"site/\", qos: 0 }}, \
+         {{ topics: \"slow/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        m.url()
+    );
+    let mut b = start_bridge(&yaml, data_dir(), None);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-mixed-1", "site/#", true).await;
+    b.wait_status("connected", |s| s.connected).await;
+    let publish_range = |b: &Running, from: u32, to: u32| {
+        let local = b.local.clone();
+        async move {
+            for i in from..to {
+                let (topic, payload) = if i % 2 == 0 {
+                    ("fast/x", format!("{i}"))
+                } else {
+                    ("slow/x", format!("{i}"))
+                };
+                local
+                    .send(Message::new(topic, Bytes::from(payload)))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    // Live: QoS 0 goes past the queue.
+    publish_range(&b, 0, N).await;
+    let mut streams = Streams::default();
+    while streams.count() < N as usize {
+        streams.add(next_remote(&mut seen).await);
+    }
+    streams.assert_in_order(0..N);
+
+    // Outage: everything is queued.
+    m.stop();
+    b.wait_status("disconnected", |s| !s.connected).await;
+    publish_range(&b, N, 2 * N).await;
+    b.wait_status("all queued", |s| s.queue_depth == N as u64)
+        .await;
+    m.restart();
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-mixed-2", "site/#", true).await;
+    // Live again, one message a millisecond, while the bridge reconnects
+    // (within a second) and drains: new QoS 0 must not overtake the backlog.
+    let live = tokio::spawn({
+        let local = b.local.clone();
+        async move {
+            for i in 2 * N..3 * N {
+                let topic = if i % 2 == 0 { "fast/x" } else { "slow/x" };
+                local
+                    .send(Message::new(topic, Bytes::from(format!("{i}"))))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut streams = Streams::default();
+    while streams.count() < 2 * N as usize {
+        streams.add(next_remote(&mut seen).await);
+    }
+    live.await.unwrap();
+    streams.assert_in_order(N..3 * N);
+    b.wait_status("drained", |s| s.queue_depth == 0).await;
+    b.stop().await;
+}
+
+/// What a remote subscriber saw of the `fast` (QoS 0) and `slow` (QoS 1)
+/// streams, duplicates (QoS 1 redelivery) removed.
+#[derive(Default)]
+struct Streams {
+    fast: Vec<u32>,
+    slow: Vec<u32>,
+}
+
+impl Streams {
+    fn add(&mut self, (topic, payload): (String, Bytes)) {
+        let i: u32 = std::str::from_utf8(&payload).unwrap().parse().unwrap();
+        let stream = match topic.as_str() {
+            "site/fast/x" => &mut self.fast,
+            "site/slow/x" => &mut self.slow,
+            other => panic!("unexpected topic {other}"),
+        };
+        if !stream.contains(&i) {
+            stream.push(i);
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.fast.len() + self.slow.len()
+    }
+
+    fn assert_in_order(&self, range: std::ops::Range<u32>) {
+        let fast: Vec<u32> = range.clone().filter(|i| i % 2 == 0).collect();
+        let slow: Vec<u32> = range.filter(|i| i % 2 == 1).collect();
+        assert_eq!(self.fast, fast, "QoS 0 stream out of order or incomplete");
+        assert_eq!(self.slow, slow, "QoS 1 stream out of order or incomplete");
+    }
+}
+
 /// A small `max_bytes`: the oldest are dropped and counted, the newest
 /// arrive.
 #[tokio::test]

@@ -16,6 +16,8 @@ pub struct AckTracker {
     unassigned: VecDeque<(i64, Qos)>,
     /// QoS 1/2 publishes on the wire, by packet id.
     inflight: HashMap<u16, i64>,
+    /// How many of `unassigned` are QoS 1/2.
+    unassigned_acked: usize,
 }
 
 impl AckTracker {
@@ -25,6 +27,9 @@ impl AckTracker {
 
     /// Queue message `id` was handed to the client.
     pub fn sent(&mut self, id: i64, qos: Qos) {
+        if qos != Qos::AtMostOnce {
+            self.unassigned_acked += 1;
+        }
         self.unassigned.push_back((id, qos));
     }
 
@@ -32,6 +37,9 @@ impl AckTracker {
     /// Returns the queue id if it is now done (QoS 0 needs no ack).
     pub fn on_outgoing_publish(&mut self, pkid: u16) -> Option<i64> {
         let (id, qos) = self.unassigned.pop_front()?;
+        if qos != Qos::AtMostOnce {
+            self.unassigned_acked -= 1;
+        }
         if qos == Qos::AtMostOnce || pkid == 0 {
             return Some(id);
         }
@@ -54,9 +62,16 @@ impl AckTracker {
         self.unassigned.len() + self.inflight.len()
     }
 
+    /// QoS 1/2 messages handed to the client and not yet acknowledged: what
+    /// MQTT's receive window (`max_inflight`) limits.
+    pub fn awaiting_ack(&self) -> usize {
+        self.unassigned_acked + self.inflight.len()
+    }
+
     /// The connection is gone: forget everything. Returns the queue ids that
     /// were in flight; they are still in the queue and will be sent again.
     pub fn reset(&mut self) -> Vec<i64> {
+        self.unassigned_acked = 0;
         let mut ids: Vec<i64> = self.unassigned.drain(..).map(|(id, _)| id).collect();
         ids.extend(self.inflight.drain().map(|(_, id)| id));
         ids.sort_unstable();
@@ -75,6 +90,7 @@ mod tests {
         t.sent(11, Qos::AtMostOnce);
         t.sent(12, Qos::ExactlyOnce);
         assert_eq!(t.in_flight(), 3);
+        assert_eq!(t.awaiting_ack(), 2, "QoS 0 waits for no ack");
         assert_eq!(t.on_outgoing_publish(1), None);
         assert_eq!(
             t.on_outgoing_publish(0),
@@ -84,8 +100,10 @@ mod tests {
         assert_eq!(t.on_outgoing_publish(2), None);
         assert_eq!(t.on_ack(2), Some(12));
         assert_eq!(t.on_ack(2), None, "a second ack is ignored");
+        assert_eq!(t.awaiting_ack(), 1);
         assert_eq!(t.on_ack(1), Some(10));
         assert_eq!(t.in_flight(), 0);
+        assert_eq!(t.awaiting_ack(), 0);
     }
 
     #[test]
@@ -96,6 +114,7 @@ mod tests {
         t.on_outgoing_publish(7);
         assert_eq!(t.reset(), [5, 6]);
         assert_eq!(t.in_flight(), 0);
+        assert_eq!(t.awaiting_ack(), 0);
         assert_eq!(t.on_ack(7), None);
     }
 }

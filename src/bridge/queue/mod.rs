@@ -140,6 +140,8 @@ pub struct Queue {
     depth: u64,
     bytes: u64,
     dropped: u64,
+    /// The id of the newest message ever appended (ids only grow).
+    last_id: i64,
     /// Drops in the current over-limit episode; `Some` while it lasts, so
     /// the warning is logged once per episode, not once per message.
     episode: Option<u64>,
@@ -192,11 +194,17 @@ impl Queue {
             }
             Err(e) => return Err(e),
         };
-        let (depth, bytes) = conn
+        let (depth, bytes, last_id) = conn
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages",
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(id), 0) FROM messages",
                 [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
             )
             .map_err(|source| sql(&path, source))?;
         let mut queue = Queue {
@@ -207,6 +215,7 @@ impl Queue {
             depth,
             bytes,
             dropped: 0,
+            last_id,
             episode: None,
         };
         if depth > 0 {
@@ -231,6 +240,12 @@ impl Queue {
 
     pub fn is_empty(&self) -> bool {
         self.depth == 0
+    }
+
+    /// The id of the newest message appended (0 before the first): every
+    /// message up to it has been seen by whoever peeked after it.
+    pub fn last_id(&self) -> i64 {
+        self.last_id
     }
 
     /// Appends messages in one transaction (group commit), in order, then
@@ -274,7 +289,11 @@ impl Queue {
                 added_bytes += size;
             }
         }
+        let last_id = tx.last_insert_rowid();
         tx.commit().map_err(|source| sql(&self.path, source))?;
+        if added > 0 {
+            self.last_id = last_id;
+        }
         self.depth += added;
         self.bytes += added_bytes;
         if oversize > 0 {
