@@ -175,7 +175,7 @@ impl Edgebridge {
             .arg("--config")
             .arg(&path)
             .arg("run")
-            .env("EDGEBRIDGE_LOG", "info")
+            .env_remove("EDGEBRIDGE_LOG")
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("JOURNAL_STREAM")
             .current_dir(dir)

@@ -32,6 +32,15 @@ fn gateway() -> &'static (SocketAddr, SocketAddr) {
                 .enable_all()
                 .build()
                 .expect("runtime");
+            // As the binary does: the broker watches rumqttd's log for
+            // connections that would poison a listener (rumqtt#1062).
+            {
+                use tracing_subscriber::layer::SubscriberExt;
+                use tracing_subscriber::util::SubscriberInitExt;
+                let _ = tracing_subscriber::registry()
+                    .with(edgebridge::broker::watch_layer())
+                    .try_init();
+            }
             rt.block_on(async move {
                 let config = Config::from_text(Path::new("fuzz.yaml"), CONFIG, |_| None)
                     .expect("fuzz config");
@@ -88,16 +97,37 @@ fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
     (header, body)
 }
 
+/// Connects and gets a CONNACK, retrying for up to 5 s as a real client
+/// would: the broker restarts its listeners (a few milliseconds) after a
+/// client left during its CONNECT (see src/broker/supervisor.rs).
+fn connect_probe(addr: SocketAddr) -> TcpStream {
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5];
+    connect.extend_from_slice(b"probe");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_nodelay(true).unwrap();
+            if s.write_all(&packet(0x10, &connect)).is_ok() {
+                let mut ack = [0u8; 4];
+                if s.read_exact(&mut ack).is_ok() {
+                    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK");
+                    return s;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe could not connect for 5 s: the broker stopped serving"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A well-behaved 3.1.1 client: CONNECT, SUBSCRIBE, PUBLISH to itself and
 /// wait for that publish (skipping retained ones a fuzzed client left).
 fn probe(addr: SocketAddr, nonce: u64) {
-    let mut s = TcpStream::connect(addr).expect("probe connects");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5];
-    connect.extend_from_slice(b"probe");
-    s.write_all(&packet(0x10, &connect)).unwrap();
-    assert_eq!(read_packet(&mut s), (0x20, vec![0, 0]), "CONNACK");
+    let mut s = connect_probe(addr);
     let topic = b"probe/1";
     let mut sub = vec![0, 1, 0, topic.len() as u8];
     sub.extend_from_slice(topic);
@@ -127,18 +157,21 @@ fn probe(addr: SocketAddr, nonce: u64) {
 /// protocol/v5/mod.rs) on some malformed packets. In the gateway that panic
 /// stays inside the one connection's task (tokio catches it) and the broker
 /// goes on serving (tests/it/security.rs checks it with the bytes found
-/// here). libFuzzer's hook aborts on every panic, so panics raised inside
-/// rumqttd's protocol code are let through to unwind; any other panic
-/// still aborts.
-fn tolerate_rumqttd_parser_panics() {
+/// here). The same holds for a panic in rumqttd's connection code
+/// (server/broker.rs, rumqtt#1062): the broker restarts its listeners after
+/// it. libFuzzer's hook aborts on every panic, so panics raised there are
+/// let through to unwind, and the probe checks that the broker still
+/// serves; any other panic still aborts.
+fn tolerate_rumqttd_connection_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let in_parser = info
-                .location()
-                .is_some_and(|l| l.file().contains("rumqttd") && l.file().contains("/protocol/"));
-            if !in_parser {
+            let contained = info.location().is_some_and(|l| {
+                l.file().contains("rumqttd")
+                    && (l.file().contains("/protocol/") || l.file().ends_with("server/broker.rs"))
+            });
+            if !contained {
                 previous(info);
             }
         }));
@@ -146,7 +179,7 @@ fn tolerate_rumqttd_parser_panics() {
 }
 
 fuzz_target!(|data: &[u8]| {
-    tolerate_rumqttd_parser_panics();
+    tolerate_rumqttd_connection_panics();
     let &(v4, v5) = gateway();
     let Some((&first, rest)) = data.split_first() else {
         return;

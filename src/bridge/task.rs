@@ -194,6 +194,9 @@ pub struct BridgeStatus {
 /// Tracker id of a QoS 0 message sent without the queue (queue ids start
 /// at 1).
 const DIRECT: i64 = 0;
+/// QoS 0 messages buffered in memory on their way past the queue, at most;
+/// more wait in the queue.
+const MAX_DIRECT: usize = 50_000;
 /// Messages taken from the bus per queue transaction, at most.
 const APPEND_BATCH: usize = 512;
 /// Acknowledged ids deleted per transaction, at most.
@@ -397,6 +400,10 @@ struct Runner<L> {
     ready: VecDeque<QueuedMessage>,
     /// Mapped to remote topic/QoS, waiting for the next append.
     unsaved: Vec<Message>,
+    /// QoS 0 messages taken while connected with nothing waiting ahead of
+    /// them, waiting only for room in the connection's request queue. Always
+    /// older than anything unsent in the queue, so they go first.
+    direct: VecDeque<Message>,
     acked: Vec<i64>,
     echo: EchoGuard,
     /// Messages the remote broker refused (MQTT 5 reason codes).
@@ -440,6 +447,7 @@ impl<L: LocalLink> Runner<L> {
             cursor: 0,
             ready: VecDeque::new(),
             unsaved: Vec::new(),
+            direct: VecDeque::new(),
             acked: Vec::new(),
             echo: EchoGuard::default(),
             refused: 0,
@@ -528,23 +536,52 @@ impl<L: LocalLink> Runner<L> {
             qos,
             retain: m.retain,
         };
-        if qos == Qos::AtMostOnce && self.nothing_waiting() {
+        if qos == Qos::AtMostOnce && self.direct.len() < MAX_DIRECT && self.nothing_waiting() {
             // QoS 0 promises at most once: while connected with nothing
             // waiting ahead of it, it goes straight to the connection, as in
-            // Mosquitto's bridge. Offline, or behind a backlog, it is queued
-            // like everything else (order is kept either way).
+            // Mosquitto's bridge, through a memory buffer that absorbs bursts
+            // (the disk would slow the bridge down just when it must keep
+            // up). Offline, or behind a backlog, it is queued like
+            // everything else; order is kept either way.
+            self.direct.push_back(m);
+            // With more buffered, the connection was full a moment ago: the
+            // next round of the loop tries again.
+            if self.direct.len() == 1 {
+                self.send_direct();
+            }
+            return;
+        }
+        self.unsaved.push(m);
+    }
+
+    /// Hands buffered QoS 0 messages to the connection while it has room.
+    fn send_direct(&mut self) {
+        while let Some(m) = self.direct.front() {
             match self
                 .sender
                 .publish(&m.topic, m.payload.clone(), m.qos, m.retain)
             {
                 Ok(()) => {
                     self.tracker.sent(DIRECT, Qos::AtMostOnce);
-                    return;
+                    self.direct.pop_front();
                 }
-                Err(e) => tracing::trace!(error = %e, "connection busy: QoS 0 message queued"),
+                Err(_) => return,
             }
         }
-        self.unsaved.push(m);
+        if self.direct.capacity() > 1024 {
+            self.direct.shrink_to(1024);
+        }
+    }
+
+    /// Buffered QoS 0 messages go to the durable queue, ahead of anything
+    /// newer (the connection is gone, or the bridge stops).
+    fn spill_direct(&mut self) {
+        if !self.direct.is_empty() {
+            let newer = std::mem::take(&mut self.unsaved);
+            self.unsaved.extend(self.direct.drain(..));
+            self.unsaved.extend(newer);
+            self.direct.shrink_to(1024);
+        }
     }
 
     /// Connected, not paced, and every message taken so far has been handed
@@ -554,7 +591,12 @@ impl<L: LocalLink> Runner<L> {
             && self.pacer.is_none()
             && self.unsaved.is_empty()
             && self.ready.is_empty()
-            && (self.queue.is_empty() || self.queue.last_id() <= self.cursor)
+            && self.all_handed_over()
+    }
+
+    /// Every message in the queue has been handed to the connection.
+    fn all_handed_over(&self) -> bool {
+        self.queue.is_empty() || self.queue.last_id() <= self.cursor
     }
 
     /// Appends waiting messages and deletes acknowledged ones.
@@ -625,6 +667,11 @@ impl<L: LocalLink> Runner<L> {
         if !self.connected {
             return;
         }
+        // Buffered QoS 0 is older than anything unsent in the queue.
+        self.send_direct();
+        if !self.direct.is_empty() {
+            return;
+        }
         let window = self.spec.remote.max_inflight as usize;
         // The window counts what waits for an ack; QoS 0 is bounded by the
         // connection's request queue (a full one refuses, see below).
@@ -635,6 +682,10 @@ impl<L: LocalLink> Runner<L> {
                 }
             }
             if self.ready.is_empty() {
+                if self.all_handed_over() {
+                    // Nothing unsent on disk: spare the query.
+                    return;
+                }
                 match self.queue.peek_after(self.cursor, window.max(64)) {
                     Ok(batch) if batch.is_empty() => return,
                     Ok(batch) => self.ready.extend(batch),
@@ -742,8 +793,10 @@ impl<L: LocalLink> Runner<L> {
         self.connected = false;
         self.backoff.disconnected();
         let mut unacked = self.tracker.reset();
-        // QoS 0 sent past the queue is not sent again (at most once).
+        // QoS 0 sent past the queue is not sent again (at most once); what
+        // had not reached the connection yet is kept in the queue.
         unacked.retain(|&id| id != DIRECT);
+        self.spill_direct();
         self.status.redelivered += unacked.len() as u64;
         self.ready.clear();
         self.cursor = 0;
@@ -830,6 +883,9 @@ impl<L: LocalLink> Runner<L> {
     /// Saves what is waiting, says goodbye to the remote broker (briefly),
     /// and stops the connection task.
     async fn stop(mut self) {
+        // From here everything goes to the queue: nothing new is sent.
+        let connected = std::mem::replace(&mut self.connected, false);
+        self.spill_direct();
         // Take what already reached the bridge's link, without waiting.
         while self.local_open && self.unsaved.len() < MAX_UNSAVED {
             match tokio::time::timeout(Duration::ZERO, self.local.recv()).await {
@@ -838,7 +894,7 @@ impl<L: LocalLink> Runner<L> {
             }
         }
         self.persist();
-        if self.connected {
+        if connected {
             let _ = self.sender.disconnect();
             // Let the driver write the DISCONNECT; acks that arrive
             // meanwhile are still recorded.
@@ -847,7 +903,9 @@ impl<L: LocalLink> Runner<L> {
                 match ev {
                     Ok(RemoteEvent::Published { pkid }) => {
                         if let Some(id) = self.tracker.on_outgoing_publish(pkid) {
-                            self.acked.push(id);
+                            if id != DIRECT {
+                                self.acked.push(id);
+                            }
                         }
                     }
                     Ok(RemoteEvent::Acked { pkid }) => {

@@ -234,7 +234,7 @@ impl Drop for EmbeddedBroker {
 fn router_config(b: &BrokerConfig) -> RouterConfig {
     RouterConfig {
         max_connections: b.max_connections,
-        max_outgoing_packet_count: 200,
+        max_outgoing_packet_count: 1024,
         // Each filter with traffic keeps up to size x count bytes of
         // topic + payload in memory even after delivery (see crates.md),
         // and about five times that in real memory for small messages

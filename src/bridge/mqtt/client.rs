@@ -80,11 +80,17 @@ impl std::fmt::Debug for RemoteSender {
     }
 }
 
+/// Requests the connection holds beyond the window: QoS 0 publishes sent
+/// past the queue while the socket is busy.
+const QOS0_ROOM: usize = 4096;
+
 /// Creates a client for `options`; it connects on the first
 /// [`RemoteConnection::poll`].
 pub fn remote_client(options: &RemoteOptions) -> (RemoteSender, RemoteConnection) {
-    // Room for a full window of publishes plus subscribes.
-    let cap = options.max_inflight as usize + 16;
+    // Room for a full window of publishes plus subscribes, and for a burst
+    // of QoS 0 (which no window limits): what does not fit waits in the
+    // durable queue, which is slower. A reset drains it (`clean`).
+    let cap = options.max_inflight as usize + 16 + QOS0_ROOM;
     let (client, inner) = match options.protocol {
         MqttProtocol::Mqtt => {
             let (client, eventloop) = rumqttc::AsyncClient::new(options.v4(), cap);
