@@ -3,8 +3,8 @@
 # binary and runs benches/suite.rs, which prints one table.
 #   bench/run.sh                 full run (about 13 minutes; results in BENCHMARKS.md)
 #   bench/run.sh --smoke         a few seconds per scenario (CI)
-#   bench/run.sh --long 1800     the long scenarios (memory, outage) for 30 minutes
-# Extra arguments go to the suite (--messages N, --long SECONDS, --smoke).
+#   bench/run.sh --only long --long 1800   memory scenarios for 30 minutes (outage: 10)
+# Extra arguments go to the suite (--messages N, --long SECONDS, --outage SECONDS, --smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x /usr/sbin/mosquitto ] || { echo "bench/run.sh needs /usr/sbin/mosquitto" >&2; exit 2; }

@@ -116,6 +116,10 @@ impl Endpoint {
     }
 }
 
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes (metrics-exporter-prometheus 0.13 has no upkeep of its own).
+const UPKEEP: Duration = Duration::from_secs(5);
+
 /// Binds the endpoint and installs the process-wide recorder. Must run
 /// inside the tokio runtime; can succeed once per process.
 pub fn install(config: &MetricsConfig) -> Result<Endpoint, MetricsError> {
@@ -128,13 +132,27 @@ pub fn install(config: &MetricsConfig) -> Result<Endpoint, MetricsError> {
             .map_err(err)?;
     }
     let (recorder, exporter) = builder.build().map_err(err)?;
+    let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
     INSTALLED.store(true, Ordering::Relaxed);
     describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let task = tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(error = %e, "the metrics endpoint stopped");
+        // The exporter keeps every histogram sample until the next scrape
+        // folds it into the buckets: with nobody scraping, memory would grow
+        // by 8 bytes a sample for ever. Folding them here bounds it.
+        let upkeep = async {
+            let mut tick = tokio::time::interval(UPKEEP);
+            loop {
+                tick.tick().await;
+                drop(handle.render());
+            }
+        };
+        tokio::select! {
+            r = exporter => if let Err(e) = r {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            },
+            () = upkeep => {}
         }
     });
     tracing::info!(%addr, "metrics endpoint listening");
