@@ -197,6 +197,9 @@ const DIRECT: i64 = 0;
 /// QoS 0 messages buffered in memory on their way past the queue, at most;
 /// more wait in the queue.
 const MAX_DIRECT: usize = 50_000;
+/// Stored messages kept in memory, ready to send, at most; more are read
+/// back from the queue when their turn comes.
+const MAX_READY: usize = 4096;
 /// Messages taken from the bus per queue transaction, at most.
 const APPEND_BATCH: usize = 512;
 /// Acknowledged ids deleted per transaction, at most.
@@ -404,6 +407,8 @@ struct Runner<L> {
     /// them, waiting only for room in the connection's request queue. Always
     /// older than anything unsent in the queue, so they go first.
     direct: VecDeque<Message>,
+    /// Ids of the last append (kept to reuse its allocation).
+    appended: Vec<(usize, i64)>,
     acked: Vec<i64>,
     echo: EchoGuard,
     /// Messages the remote broker refused (MQTT 5 reason codes).
@@ -448,6 +453,7 @@ impl<L: LocalLink> Runner<L> {
             ready: VecDeque::new(),
             unsaved: Vec::new(),
             direct: VecDeque::new(),
+            appended: Vec::new(),
             acked: Vec::new(),
             echo: EchoGuard::default(),
             refused: 0,
@@ -594,6 +600,14 @@ impl<L: LocalLink> Runner<L> {
             && self.all_handed_over()
     }
 
+    /// `ready` holds every message of the queue not yet handed over.
+    fn ready_holds_all_unsent(&self) -> bool {
+        match self.ready.back() {
+            None => self.all_handed_over(),
+            Some(newest) => newest.id == self.queue.last_id(),
+        }
+    }
+
     /// Every message in the queue has been handed to the connection.
     fn all_handed_over(&self) -> bool {
         self.queue.is_empty() || self.queue.last_id() <= self.cursor
@@ -603,16 +617,42 @@ impl<L: LocalLink> Runner<L> {
     fn persist(&mut self) {
         if !self.unsaved.is_empty() {
             let batch_len = self.unsaved.len().min(APPEND_BATCH * 4);
-            match self.queue.append(&self.unsaved[..batch_len]) {
-                Ok(dropped) => {
+            // While connected and `ready` holds every unsent message, the new
+            // ones join it as they are stored, instead of being read back.
+            let keep =
+                self.connected && self.ready.len() < MAX_READY && self.ready_holds_all_unsent();
+            let mut ids = std::mem::take(&mut self.appended);
+            match self
+                .queue
+                .append_with_ids(&self.unsaved[..batch_len], &mut ids)
+            {
+                Ok(dropped) if dropped > 0 => {
                     self.unsaved.drain(..batch_len);
-                    if dropped > 0 {
-                        // Some of the peeked messages may be gone now.
-                        self.ready.clear();
+                    // Some of the peeked messages may be gone now.
+                    self.ready.clear();
+                }
+                Ok(_) if keep => {
+                    let ts = self.queue.last_append_ts();
+                    let mut stored = ids.iter().peekable();
+                    for (i, m) in self.unsaved.drain(..batch_len).enumerate() {
+                        if let Some(&(_, id)) = stored.next_if(|(at, _)| *at == i) {
+                            self.ready.push_back(QueuedMessage {
+                                id,
+                                ts,
+                                topic: m.topic,
+                                payload: m.payload,
+                                qos: m.qos,
+                                retain: m.retain,
+                            });
+                        }
                     }
+                }
+                Ok(_) => {
+                    self.unsaved.drain(..batch_len);
                 }
                 Err(e) => self.queue_failed(e),
             }
+            self.appended = ids;
         }
         while !self.acked.is_empty() {
             let n = self.acked.len().min(ACK_BATCH);

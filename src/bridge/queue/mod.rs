@@ -142,6 +142,8 @@ pub struct Queue {
     dropped: u64,
     /// The id of the newest message ever appended (ids only grow).
     last_id: i64,
+    /// The timestamp of the last append.
+    last_append_ts: Millis,
     /// Drops in the current over-limit episode; `Some` while it lasts, so
     /// the warning is logged once per episode, not once per message.
     episode: Option<u64>,
@@ -216,6 +218,7 @@ impl Queue {
             bytes,
             dropped: 0,
             last_id,
+            last_append_ts: 0,
             episode: None,
         };
         if depth > 0 {
@@ -248,15 +251,33 @@ impl Queue {
         self.last_id
     }
 
+    /// When the last append stored its messages (their `ts`).
+    pub fn last_append_ts(&self) -> Millis {
+        self.last_append_ts
+    }
+
     /// Appends messages in one transaction (group commit), in order, then
     /// applies `max_bytes` by dropping the oldest. Returns how many were
     /// dropped by this call. A single message larger than `max_bytes` is
     /// dropped (and counted) instead of emptying the queue for it.
     pub fn append(&mut self, msgs: &[Message]) -> Result<u64, QueueError> {
+        self.append_with_ids(msgs, &mut Vec::new())
+    }
+
+    /// [`Queue::append`], and tells which queue message each stored one
+    /// became: `(index in msgs, queued id)`, in order (an oversized message
+    /// has no entry), with the timestamp they were stored with.
+    pub fn append_with_ids(
+        &mut self,
+        msgs: &[Message],
+        ids: &mut Vec<(usize, i64)>,
+    ) -> Result<u64, QueueError> {
+        ids.clear();
         if msgs.is_empty() {
             return Ok(0);
         }
         let ts = now_ms();
+        self.last_append_ts = ts;
         let mut oversize = 0;
         let tx = self
             .conn
@@ -270,7 +291,7 @@ impl Queue {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(|source| sql(&self.path, source))?;
-            for m in msgs {
+            for (i, m) in msgs.iter().enumerate() {
                 let size = message_size(&m.topic, &m.payload);
                 if size > self.limits.max_bytes {
                     oversize += 1;
@@ -285,6 +306,7 @@ impl Queue {
                     m.payload.as_ref()
                 ])
                 .map_err(|source| sql(&self.path, source))?;
+                ids.push((i, tx.last_insert_rowid()));
                 added += 1;
                 added_bytes += size;
             }
