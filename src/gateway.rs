@@ -95,6 +95,14 @@ impl Gateway {
         // Bridges subscribe before any driver runs, so no reading is missed.
         let bridge_shutdown = CancellationToken::new();
         let bridges = bridge::start_all(&config, &bus, &bridge_shutdown).await?;
+        // Only now do LAN clients get in: whatever they publish first (a
+        // session's queued messages after a restart) reaches the bridges.
+        if let Some(b) = &broker {
+            if let Err(e) = b.open_listeners().await {
+                bridge_shutdown.cancel();
+                return Err(e.into());
+            }
+        }
 
         let shutdown = CancellationToken::new();
         let (readings_tx, readings_rx) = mpsc::channel(pipeline::READING_QUEUE);

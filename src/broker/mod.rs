@@ -53,11 +53,17 @@ pub struct EmbeddedBroker {
     links: Arc<LinkFactory>,
     listeners: Vec<(SocketAddr, ListenerProtocol)>,
     servers: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
-    supervisor: JoinHandle<()>,
+    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// What [`EmbeddedBroker::open_listeners`] starts.
+    specs: Vec<(ListenerProtocol, ServerSettings)>,
+    spawn_server: Arc<ServerFactory>,
 }
 
 impl EmbeddedBroker {
-    /// Starts the router and every listener; returns once all listen.
+    /// Starts the router and checks every listener's address (a busy port
+    /// is an error here); the listeners open with
+    /// [`EmbeddedBroker::open_listeners`], once the gateway's own clients
+    /// (the bridges) are subscribed, so that no LAN message is missed.
     pub async fn start(config: &Config) -> Result<EmbeddedBroker, BrokerError> {
         let b = &config.broker;
         watch_listener_panics();
@@ -97,7 +103,6 @@ impl EmbeddedBroker {
         });
         let users = Users::new(&b.users);
         let mut listeners = Vec::new();
-        let mut servers = Vec::new();
         let mut specs = Vec::new();
         for l in &b.listeners {
             let addr = resolve_port(l.bind)?;
@@ -155,34 +160,50 @@ impl EmbeddedBroker {
                     }
                 });
             }
-            let task = spawn_server(settings.clone(), l.protocol);
-            specs.push(settings);
+            specs.push((l.protocol, settings));
             listeners.push((addr, l.protocol));
-            servers.push(task);
         }
+        Ok(EmbeddedBroker {
+            links,
+            listeners,
+            servers: Arc::new(std::sync::Mutex::new(Vec::new())),
+            supervisor: std::sync::Mutex::new(None),
+            specs,
+            spawn_server,
+        })
+    }
+
+    /// Opens every listener; returns once all listen. Then a supervisor
+    /// keeps them open (see `supervisor.rs`).
+    pub async fn open_listeners(&self) -> Result<(), BrokerError> {
+        let servers: Vec<JoinHandle<()>> = self
+            .specs
+            .iter()
+            .map(|(protocol, settings)| (self.spawn_server)(settings.clone(), *protocol))
+            .collect();
         // All listeners start at once; waiting for them one after the other
         // here costs the slowest, not the sum (start-to-ready, issue 8).
-        for ((addr, protocol), task) in listeners.iter().zip(&servers) {
+        for ((addr, protocol), task) in self.listeners.iter().zip(&servers) {
             if let Err(e) = wait_listening(*addr, task).await {
                 for s in &servers {
                     s.abort();
                 }
                 return Err(e);
             }
-            tracing::info!(%addr, ?protocol, auth = !users.is_empty(), "listening");
+            let auth = self
+                .specs
+                .iter()
+                .any(|(_, s)| s.listen == *addr && s.connections.external_auth.is_some());
+            tracing::info!(%addr, ?protocol, auth, "listening");
         }
-        let servers = Arc::new(std::sync::Mutex::new(servers));
+        *self.servers.lock().unwrap_or_else(|e| e.into_inner()) = servers;
         let supervisor = tokio::spawn(supervise(
-            servers.clone(),
-            listeners.iter().map(|(_, p)| *p).zip(specs).collect(),
-            spawn_server,
+            self.servers.clone(),
+            self.specs.clone(),
+            self.spawn_server.clone(),
         ));
-        Ok(EmbeddedBroker {
-            links,
-            listeners,
-            servers,
-            supervisor,
-        })
+        *self.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(supervisor);
+        Ok(())
     }
 
     /// The addresses actually listened on (port 0 resolved), in config order.
@@ -216,7 +237,14 @@ impl EmbeddedBroker {
 
     /// Closes every listener. Connected clients' tasks end with the runtime.
     pub fn close_listeners(&self) {
-        self.supervisor.abort();
+        if let Some(s) = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            s.abort();
+        }
         // A poisoned lock only means a panic elsewhere; the handles are fine.
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         for s in servers.drain(..) {

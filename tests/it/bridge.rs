@@ -597,6 +597,53 @@ fn gateway_yaml(data: &Path, port: u16, rest: &str) -> String {
     )
 }
 
+/// A LAN client that publishes the moment the gateway's port opens (as
+/// one does when it reconnects after a gateway restart): its first message
+/// reaches the cloud, because the listeners open only once the bridges are
+/// subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn a_message_published_the_moment_the_port_opens_is_bridged() {
+    use tokio::io::AsyncWriteExt;
+    let m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-early-app", "site/#", true).await;
+    let data = data_dir();
+    let port = crate::support::free_port();
+    let yaml = gateway_yaml(
+        data.path(),
+        port,
+        &format!(
+            "bridges:\n  - name: cloud\n    url: {}\n    forward: [ {{ topics: \"lan/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+            m.url()
+        ),
+    );
+    std::fs::write(data.path().join("config.yaml"), yaml).unwrap();
+    let _bin = crate::support::Binary::spawn(&["run"], data.path());
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the port never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    // CONNECT (MQTT 3.1.1, clean session, id "t-early") and a QoS 0
+    // PUBLISH on lan/first, written together without waiting for CONNACK.
+    let mut bytes = vec![0x10, 19, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 7];
+    bytes.extend_from_slice(b"t-early");
+    bytes.extend_from_slice(&[0x30, 2 + 9 + 5, 0, 9]);
+    bytes.extend_from_slice(b"lan/first");
+    bytes.extend_from_slice(b"hello");
+    s.write_all(&bytes).await.unwrap();
+    let (topic, payload) = next_remote(&mut seen).await;
+    assert_eq!(topic, "site/lan/first");
+    assert_eq!(&payload[..], b"hello");
+}
+
 const PV: &str = "devices:
   - name: demo-pv
     driver: simulator
