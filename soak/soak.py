@@ -274,6 +274,28 @@ class Churn:
                 time.sleep(0.05)
 
 
+def warm_up(port):
+    """Brings the embedded broker's per-filter logs to their steady size
+    before memory is measured. rumqttd keeps the last 4 x 256 KiB of
+    messages of every subscribed filter (bounded, see BENCHMARKS.md); at
+    the soak's own rate (about 30 messages a second) they take hours to
+    fill, and that filling would look like a leak. A subscriber on `#`
+    makes the filter the slow subscriber uses later; the payloads are not
+    numbers, so the sequence checks ignore them."""
+    log("warm-up: filling the broker's per-filter logs")
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", "soak-warmup",
+                            "-t", "#"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    line = "warm" + "w" * 146 + "\n"
+    for topic, n, qos in [("devices/warmup/x", 60000, "0"), ("soak/warmup", 20000, "1"),
+                          ("soak/seq", 20000, "1")]:
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-i", "soak-warmup-pub",
+                        "-l", "-t", topic, "-q", qos], input=(line * n).encode(), check=True)
+    time.sleep(10)
+    sub.terminate()
+    sub.wait()
+
+
 class SlowSubscriber:
     """Subscribes to everything at QoS 1 and reads 512 bytes a second."""
 
@@ -394,6 +416,8 @@ def main():
     ap.add_argument("--binary", required=True)
     ap.add_argument("--duration", type=int, default=180, help="seconds of fault injection")
     ap.add_argument("--out", default=None, help="keep logs and results here")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="measure memory from the start, while the broker's logs still fill")
     ap.add_argument("--no-metrics", action="store_true",
                     help="for a gateway built without metrics (driver debugging only)")
     a = ap.parse_args()
@@ -492,6 +516,8 @@ bridges:
                                  stdout=local_log, stderr=subprocess.DEVNULL)
     churn = Churn(ports["local"])
     slow = SlowSubscriber(ports["local"])
+    if not a.no_warm_up:
+        warm_up(ports["local"])
 
     def hup():
         os.kill(gw.pid, signal.SIGHUP)
