@@ -32,7 +32,15 @@ const TYPES: [DataType; 10] = [
 /// (device, point, value kind/int/float/text, reading unit, bad quality),
 /// command payload.
 type Input = (
-    (String, String, String, u8, Option<f64>, Option<u8>, Option<String>),
+    (
+        String,
+        String,
+        String,
+        u8,
+        Option<f64>,
+        Option<u8>,
+        Option<String>,
+    ),
     (String, String, (u8, i64, f64, String), Option<String>, bool),
     Vec<u8>,
 );

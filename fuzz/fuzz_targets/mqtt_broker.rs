@@ -46,7 +46,9 @@ fn gateway() -> &'static (SocketAddr, SocketAddr) {
                     .expect("fuzz config");
                 let gw = Gateway::start(config).await.expect("gateway starts");
                 let v4 = gw.listener(ListenerProtocol::Mqtt).expect("mqtt listener");
-                let v5 = gw.listener(ListenerProtocol::Mqtt5).expect("mqtt5 listener");
+                let v5 = gw
+                    .listener(ListenerProtocol::Mqtt5)
+                    .expect("mqtt5 listener");
                 tx.send((v4, v5)).expect("report addresses");
                 std::future::pending::<()>().await;
                 drop(gw);

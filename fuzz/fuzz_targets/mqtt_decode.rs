@@ -21,7 +21,6 @@ fn decode_all<P: Protocol>(mut p: P, data: &[u8]) {
     }
 }
 
-
 /// rumqttd 0.20's MQTT 5 decoder panics (`unreachable!()` in
 /// protocol/v5/mod.rs) on some malformed packets. In the gateway that panic
 /// stays inside the one connection's task (tokio catches it) and the broker

@@ -37,7 +37,10 @@ fn healthy() -> &'static Vec<u8> {
 }
 
 fn tempfile_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgebridge-fuzz-queue-{}-{tag}", std::process::id()));
+    let d = std::env::temp_dir().join(format!(
+        "edgebridge-fuzz-queue-{}-{tag}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
     d
@@ -61,7 +64,10 @@ fuzz_target!(|input: (u32, Vec<(u32, u8)>, bool)| {
     if with_wal_garbage {
         let mut wal = path.clone().into_os_string();
         wal.push("-wal");
-        let garbage: Vec<u8> = edits.iter().flat_map(|(a, b)| a.to_le_bytes().into_iter().chain([*b])).collect();
+        let garbage: Vec<u8> = edits
+            .iter()
+            .flat_map(|(a, b)| a.to_le_bytes().into_iter().chain([*b]))
+            .collect();
         std::fs::write(wal, garbage).expect("write wal");
     }
     if let Ok((mut q, _recovery)) = Queue::open(&dir, "fuzz", LIMITS) {
@@ -72,7 +78,11 @@ fuzz_target!(|input: (u32, Vec<(u32, u8)>, bool)| {
         let _ = q.append(&[Message::new("after/recovery", "1")]);
         drop(q);
         let reopened = Queue::open(&dir, "fuzz", LIMITS);
-        assert!(reopened.is_ok(), "a recovered queue does not reopen: {:?}", reopened.err());
+        assert!(
+            reopened.is_ok(),
+            "a recovered queue does not reopen: {:?}",
+            reopened.err()
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 });

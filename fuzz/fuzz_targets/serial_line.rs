@@ -12,7 +12,11 @@ fuzz_target!(|input: (String, u16, Vec<Vec<u8>>)| {
     let delimiter: String = delimiter.chars().take(4).collect();
     let max = usize::from(max % 2048) + 1;
     let mut framer = LineFramer::new(&delimiter, max);
-    let delim = if delimiter.is_empty() { "\n" } else { delimiter.as_str() };
+    let delim = if delimiter.is_empty() {
+        "\n"
+    } else {
+        delimiter.as_str()
+    };
     let mut out = Vec::new();
     for c in &chunks {
         framer.feed(c, &mut out);
@@ -23,7 +27,10 @@ fuzz_target!(|input: (String, u16, Vec<Vec<u8>>)| {
         assert!(!line.is_empty());
         // (U+FFFD itself may appear by replacement, so skip that case.)
         if !delim.contains('\u{FFFD}') {
-            assert!(!line.contains(delim), "{line:?} holds the delimiter {delim:?}");
+            assert!(
+                !line.contains(delim),
+                "{line:?} holds the delimiter {delim:?}"
+            );
         }
         // U+FFFD replacement may lengthen invalid bytes (1 -> 3).
         assert!(line.len() <= max * 3, "line of {} > {max}", line.len());
