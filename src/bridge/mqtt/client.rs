@@ -82,7 +82,7 @@ impl std::fmt::Debug for RemoteSender {
 
 /// Requests the connection holds beyond the window: QoS 0 publishes sent
 /// past the queue while the socket is busy.
-const QOS0_ROOM: usize = 4096;
+const QOS0_ROOM: usize = 1024;
 
 /// Creates a client for `options`; it connects on the first
 /// [`RemoteConnection::poll`].
