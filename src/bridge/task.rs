@@ -626,13 +626,12 @@ impl<L: LocalLink> Runner<L> {
                 .queue
                 .append_with_ids(&self.unsaved[..batch_len], &mut ids)
             {
-                Ok(dropped) if dropped > 0 => {
+                Ok((dropped, _)) if dropped > 0 => {
                     self.unsaved.drain(..batch_len);
                     // Some of the peeked messages may be gone now.
                     self.ready.clear();
                 }
-                Ok(_) if keep => {
-                    let ts = self.queue.last_append_ts();
+                Ok((_, ts)) if keep => {
                     let mut stored = ids.iter().peekable();
                     for (i, m) in self.unsaved.drain(..batch_len).enumerate() {
                         if let Some(&(_, id)) = stored.next_if(|(at, _)| *at == i) {

@@ -144,17 +144,17 @@ pub fn pack_identities(payload: &[u8]) -> Vec<Identity> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|e| Identity {
-            product_id: e["identity"]["productID"]
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-            device_name: e["identity"]["deviceName"]
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-        })
+        .map(identity_of)
         .collect()
+}
+
+/// The `identity` of one entry of a sub-device message's `params`.
+fn identity_of(e: &Json) -> Identity {
+    let field = |k: &str| e["identity"][k].as_str().unwrap_or("").to_string();
+    Identity {
+        product_id: field("productID"),
+        device_name: field("deviceName"),
+    }
 }
 
 /// `thing/history/post` with the values of several queued `pack/post`
@@ -167,16 +167,7 @@ pub fn history_from_packs(id: &str, packs: &[&[u8]]) -> (Vec<u8>, Vec<String>) {
             continue;
         };
         for e in j["params"].as_array().into_iter().flatten() {
-            let who = Identity {
-                product_id: e["identity"]["productID"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                device_name: e["identity"]["deviceName"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-            };
+            let who = identity_of(e);
             let props = devices.entry(who).or_default();
             for (k, v) in e["properties"].as_object().into_iter().flatten() {
                 props.entry(k.clone()).or_default().push(v.clone());

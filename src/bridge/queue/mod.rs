@@ -142,8 +142,6 @@ pub struct Queue {
     dropped: u64,
     /// The id of the newest message ever appended (ids only grow).
     last_id: i64,
-    /// The timestamp of the last append.
-    last_append_ts: Millis,
     /// Drops in the current over-limit episode; `Some` while it lasts, so
     /// the warning is logged once per episode, not once per message.
     episode: Option<u64>,
@@ -218,7 +216,6 @@ impl Queue {
             bytes,
             dropped: 0,
             last_id,
-            last_append_ts: 0,
             episode: None,
         };
         if depth > 0 {
@@ -251,33 +248,29 @@ impl Queue {
         self.last_id
     }
 
-    /// When the last append stored its messages (their `ts`).
-    pub fn last_append_ts(&self) -> Millis {
-        self.last_append_ts
-    }
-
     /// Appends messages in one transaction (group commit), in order, then
     /// applies `max_bytes` by dropping the oldest. Returns how many were
     /// dropped by this call. A single message larger than `max_bytes` is
     /// dropped (and counted) instead of emptying the queue for it.
     pub fn append(&mut self, msgs: &[Message]) -> Result<u64, QueueError> {
         self.append_with_ids(msgs, &mut Vec::new())
+            .map(|(dropped, _)| dropped)
     }
 
     /// [`Queue::append`], and tells which queue message each stored one
     /// became: `(index in msgs, queued id)`, in order (an oversized message
-    /// has no entry), with the timestamp they were stored with.
+    /// has no entry). Returns how many were dropped and the timestamp the
+    /// stored ones got.
     pub fn append_with_ids(
         &mut self,
         msgs: &[Message],
         ids: &mut Vec<(usize, i64)>,
-    ) -> Result<u64, QueueError> {
+    ) -> Result<(u64, Millis), QueueError> {
         ids.clear();
-        if msgs.is_empty() {
-            return Ok(0);
-        }
         let ts = now_ms();
-        self.last_append_ts = ts;
+        if msgs.is_empty() {
+            return Ok((0, ts));
+        }
         let mut oversize = 0;
         let tx = self
             .conn
@@ -323,7 +316,7 @@ impl Queue {
                 "message larger than the whole queue limit dropped");
             self.count_drops(oversize);
         }
-        Ok(oversize + self.enforce_limits()?)
+        Ok((oversize + self.enforce_limits()?, ts))
     }
 
     /// Up to `max` messages with an id greater than `after`, oldest first.

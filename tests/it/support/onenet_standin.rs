@@ -403,7 +403,10 @@ impl StandIn {
 
     fn send(&self, p: Publish) {
         let s = self.state();
-        let subscribed = s.subscriptions.iter().any(|f| matches(f, &p.topic));
+        let subscribed = s
+            .subscriptions
+            .iter()
+            .any(|f| edgebridge::topic::matches(f, &p.topic));
         assert!(
             subscribed,
             "the device has not subscribed to {} (subscriptions: {:?})",
@@ -678,7 +681,11 @@ impl Shared {
             ));
         }
         for (topic, payload) in replies {
-            let subscribed = self.update(|s| s.subscriptions.iter().any(|f| matches(f, &topic)));
+            let subscribed = self.update(|s| {
+                s.subscriptions
+                    .iter()
+                    .any(|f| edgebridge::topic::matches(f, &topic))
+            });
             if subscribed {
                 let reply = Publish::new(topic, QoS::AtMostOnce, payload);
                 if write_packet(sock, Packet::Publish(reply)).await.is_err() {
@@ -795,21 +802,6 @@ fn step(r: Result<(), String>) -> Step {
     match r {
         Ok(()) => Step::Continue,
         Err(_) => Step::Close,
-    }
-}
-
-/// MQTT filter matching (`+` one level, `#` the rest).
-pub fn matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 
