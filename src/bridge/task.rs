@@ -202,7 +202,13 @@ const MAX_DIRECT: usize = 50_000;
 const MAX_READY: usize = 4096;
 /// Messages taken from the bus per queue transaction, at most.
 const APPEND_BATCH: usize = 512;
-/// Acknowledged ids deleted per transaction, at most.
+/// How long a message taken while connected may wait in memory for its
+/// acknowledgement before it is written to the queue file (write-behind):
+/// one the remote broker acknowledges sooner never touches the disk. A crash
+/// of the process (not a stop) can lose at most this much of the newest
+/// messages; offline, messages are written at once.
+const WRITE_DELAY: Duration = Duration::from_millis(20);
+/// Connection events handled per turn of the loop, at most.
 const ACK_BATCH: usize = 512;
 /// Messages kept in memory while the disk refuses appends (e.g. full).
 const MAX_UNSAVED: usize = 10_000;
@@ -471,6 +477,10 @@ impl<L: LocalLink> Runner<L> {
             self.persist();
             self.fill_window();
             let rate_wait = self.rate_limited();
+            let write_at = self
+                .queue
+                .unwritten_since()
+                .map(|t| Instant::from_std(t) + WRITE_DELAY);
             // Not `biased`: a steady stream of acks during a drain must not
             // starve the local bus (live data keeps being queued).
             tokio::select! {
@@ -503,6 +513,7 @@ impl<L: LocalLink> Runner<L> {
                     }
                 }
                 _ = sleep_until(self.pacer.as_ref().map_or_else(Instant::now, |p| p.next)), if rate_wait => {}
+                _ = sleep_until(write_at.unwrap_or_else(Instant::now)), if write_at.is_some() => {}
                 _ = tick.tick() => {
                     self.expire();
                     self.publish_status(false).await;
@@ -622,10 +633,16 @@ impl<L: LocalLink> Runner<L> {
             let keep =
                 self.connected && self.ready.len() < MAX_READY && self.ready_holds_all_unsent();
             let mut ids = std::mem::take(&mut self.appended);
-            match self
-                .queue
-                .append_with_ids(&self.unsaved[..batch_len], &mut ids)
-            {
+            // While connected, messages are staged (write-behind) and written
+            // after WRITE_DELAY unless acknowledged before; offline they go
+            // to disk at once.
+            let stored = if self.connected {
+                self.queue.stage(&self.unsaved[..batch_len], &mut ids)
+            } else {
+                self.queue
+                    .append_with_ids(&self.unsaved[..batch_len], &mut ids)
+            };
+            match stored {
                 Ok((dropped, _)) if dropped > 0 => {
                     self.unsaved.drain(..batch_len);
                     // Some of the peeked messages may be gone now.
@@ -653,21 +670,25 @@ impl<L: LocalLink> Runner<L> {
             }
             self.appended = ids;
         }
-        while !self.acked.is_empty() {
-            let n = self.acked.len().min(ACK_BATCH);
-            match self.queue.ack(&self.acked[..n]) {
-                Ok(()) => {
-                    self.acked.drain(..n);
-                }
-                Err(e) => {
-                    // Not deleting means sending again later: at-least-once.
-                    self.acked.clear();
-                    self.queue_failed(e);
-                    break;
-                }
-            }
+        if self
+            .queue
+            .unwritten_since()
+            .is_some_and(|t| t.elapsed() >= WRITE_DELAY)
+        {
+            self.flush_staged();
         }
+        // Deleted with the next write (at most WRITE_DELAY later); a
+        // crash before that sends them again: at least once.
+        self.queue.ack_later(&self.acked);
+        self.acked.clear();
         self.sync_queue_stats();
+    }
+
+    /// Writes the staged messages to disk now.
+    fn flush_staged(&mut self) {
+        if let Err(e) = self.queue.flush() {
+            self.queue_failed(e);
+        }
     }
 
     fn queue_failed(&mut self, e: QueueError) {
@@ -835,6 +856,8 @@ impl<L: LocalLink> Runner<L> {
         // QoS 0 sent past the queue is not sent again (at most once); what
         // had not reached the connection yet is kept in the queue.
         unacked.retain(|&id| id != DIRECT);
+        // An outage may last: what is only in memory goes to disk now.
+        self.flush_staged();
         self.spill_direct();
         self.status.redelivered += unacked.len() as u64;
         self.ready.clear();
@@ -958,6 +981,7 @@ impl<L: LocalLink> Runner<L> {
             }
             self.persist();
         }
+        self.flush_staged();
         self.driver_stop.cancel();
         let _ = (&mut self.driver).await;
         self.status.connected = false;

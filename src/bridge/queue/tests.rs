@@ -297,3 +297,115 @@ fn salvage_copies_rows_with_invalid_utf8_text() {
         .unwrap();
     assert_eq!(id, 7);
 }
+
+/// Rows in the file, read by a second connection (what a crash leaves).
+fn rows_on_disk(dir: &Path) -> i64 {
+    let conn = Connection::open(Queue::file_path(dir, "cloud")).unwrap();
+    conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn staged_messages_count_at_once_and_reach_the_disk_on_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+    let mut ids = Vec::new();
+    q.stage(&msgs(0..3), &mut ids).unwrap();
+    assert_eq!(ids.iter().map(|&(i, _)| i).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(q.stats().depth, 3);
+    assert!(q.unwritten_since().is_some());
+    assert_eq!(rows_on_disk(dir.path()), 0, "staged, not written");
+    // Readable before they are written, in order, after older rows.
+    q.flush().unwrap();
+    q.stage(&msgs(3..5), &mut ids).unwrap();
+    assert_eq!(
+        topics(&q.peek_after(0, 10).unwrap()),
+        [
+            "PV/data/0",
+            "PV/data/1",
+            "PV/data/2",
+            "PV/data/3",
+            "PV/data/4"
+        ]
+    );
+    assert_eq!(rows_on_disk(dir.path()), 3);
+    q.flush().unwrap();
+    assert_eq!(rows_on_disk(dir.path()), 5);
+    assert!(q.unwritten_since().is_none());
+}
+
+#[test]
+fn a_staged_message_acknowledged_in_time_never_touches_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+    let mut ids = Vec::new();
+    q.stage(&msgs(0..4), &mut ids).unwrap();
+    let staged: Vec<i64> = ids.iter().map(|&(_, id)| id).collect();
+    q.ack_later(&staged[..3]);
+    assert_eq!(q.stats().depth, 1);
+    assert_eq!(
+        q.stats().bytes,
+        message_size(&msg(3).topic, &msg(3).payload)
+    );
+    q.flush().unwrap();
+    assert_eq!(rows_on_disk(dir.path()), 1, "only the unacknowledged one");
+    assert_eq!(topics(&q.peek_after(0, 10).unwrap()), ["PV/data/3"]);
+}
+
+#[test]
+fn acknowledged_rows_are_deleted_by_the_next_flush_and_never_peeked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+    q.append(&msgs(0..10)).unwrap();
+    let all = q.peek_after(0, 100).unwrap();
+    // Two runs and a single one: 1..=3, 5, 7..=8 (by position).
+    let acked: Vec<i64> = [1, 2, 3, 5, 7, 8].iter().map(|&i| all[i].id).collect();
+    q.ack_later(&acked);
+    assert_eq!(rows_on_disk(dir.path()), 10, "deleted later");
+    assert!(q.unwritten_since().is_some());
+    // A peek from the start does not return them.
+    assert_eq!(
+        topics(&q.peek_after(0, 100).unwrap()),
+        ["PV/data/0", "PV/data/4", "PV/data/6", "PV/data/9"]
+    );
+    assert_eq!(rows_on_disk(dir.path()), 4);
+    assert_eq!(q.stats().depth, 4);
+    assert_eq!(
+        q.stats().bytes,
+        [0, 4, 6, 9]
+            .iter()
+            .map(|&i| message_size(&msg(i).topic, &msg(i).payload))
+            .sum::<u64>()
+    );
+}
+
+#[test]
+fn closing_the_queue_writes_what_is_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+        q.stage(&msgs(0..3), &mut Vec::new()).unwrap();
+        let first = q.peek_after(0, 1).unwrap()[0].id;
+        q.append(&msgs(3..4)).unwrap();
+        q.ack_later(&[first]);
+    }
+    let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+    assert_eq!(
+        topics(&q.peek_after(0, 10).unwrap()),
+        ["PV/data/1", "PV/data/2", "PV/data/3"]
+    );
+}
+
+#[test]
+fn staged_messages_count_against_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = message_size(&msg(0).topic, &msg(0).payload);
+    let (mut q, _) = Queue::open(dir.path(), "cloud", limits(one * 3)).unwrap();
+    let dropped = q.stage(&msgs(0..5), &mut Vec::new()).unwrap().0;
+    assert_eq!(dropped, 2);
+    assert_eq!(q.stats().dropped, 2);
+    assert_eq!(
+        topics(&q.peek_after(0, 10).unwrap()),
+        ["PV/data/2", "PV/data/3", "PV/data/4"]
+    );
+}
