@@ -5,11 +5,14 @@
 //! 1. The bridge's subscription on the local bus yields a message matching
 //!    a `forward` filter. It is mapped to its remote topic and QoS and
 //!    appended to the queue (batched: everything already waiting goes into
-//!    one transaction) before anything else happens to it.
+//!    one transaction) before anything else happens to it. With
+//!    `queue.write_behind` it is staged in memory instead while connected,
+//!    and written only if still unacknowledged after that delay.
 //! 2. While connected, the oldest queued messages are handed to rumqttc, at
 //!    most `max_inflight` at a time, strictly in queue order.
 //! 3. A message is deleted from the queue when the remote broker
-//!    acknowledged it: PUBACK (QoS 1), PUBCOMP (QoS 2), or, for QoS 0, once
+//!    acknowledged it (batched with the next append, or within 20 ms):
+//!    PUBACK (QoS 1), PUBCOMP (QoS 2), or, for QoS 0, once
 //!    it was written to the socket.
 //! 4. When the connection drops, everything not yet deleted is sent again,
 //!    from the oldest, after the next CONNACK (at-least-once). rumqttc's own
@@ -89,6 +92,8 @@ pub struct BridgeSpec {
     pub data_dir: PathBuf,
     pub limits: QueueLimits,
     pub drain_rate: Option<u32>,
+    /// `queue.write_behind` (zero counts as unset).
+    pub write_behind: Option<Duration>,
     pub reconnect: ReconnectConfig,
     /// Retained status topic: `edgebridge/<id>/bridges/<name>/status`.
     pub status_topic: String,
@@ -107,6 +112,7 @@ impl BridgeSpec {
             data_dir: config.resolve(&config.gateway.data_dir),
             limits: QueueLimits::from(&b.queue),
             drain_rate: b.queue.drain_rate,
+            write_behind: b.queue.write_behind.filter(|d| !d.is_zero()),
             reconnect: b.reconnect,
             status_topic: status_topic(&config.gateway.id, &b.name),
         })
@@ -202,12 +208,10 @@ const MAX_DIRECT: usize = 50_000;
 const MAX_READY: usize = 4096;
 /// Messages taken from the bus per queue transaction, at most.
 const APPEND_BATCH: usize = 512;
-/// How long a message taken while connected may wait in memory for its
-/// acknowledgement before it is written to the queue file (write-behind):
-/// one the remote broker acknowledges sooner never touches the disk. A crash
-/// of the process (not a stop) can lose at most this much of the newest
-/// messages; offline, messages are written at once.
-const WRITE_DELAY: Duration = Duration::from_millis(20);
+/// How long acknowledged rows may wait before they are deleted (in one
+/// transaction with the next appends, or on their own after this). A crash
+/// before that sends them again: at least once, never lost.
+const DELETE_DELAY: Duration = Duration::from_millis(20);
 /// Connection events handled per turn of the loop, at most.
 const ACK_BATCH: usize = 512;
 /// Messages kept in memory while the disk refuses appends (e.g. full).
@@ -480,7 +484,7 @@ impl<L: LocalLink> Runner<L> {
             let write_at = self
                 .queue
                 .unwritten_since()
-                .map(|t| Instant::from_std(t) + WRITE_DELAY);
+                .map(|t| Instant::from_std(t) + self.flush_delay());
             // Not `biased`: a steady stream of acks during a drain must not
             // starve the local bus (live data keeps being queued).
             tokio::select! {
@@ -633,10 +637,10 @@ impl<L: LocalLink> Runner<L> {
             let keep =
                 self.connected && self.ready.len() < MAX_READY && self.ready_holds_all_unsent();
             let mut ids = std::mem::take(&mut self.appended);
-            // While connected, messages are staged (write-behind) and written
-            // after WRITE_DELAY unless acknowledged before; offline they go
-            // to disk at once.
-            let stored = if self.connected {
+            // With `write_behind`, while connected, messages are staged and
+            // written after that delay unless acknowledged before; otherwise
+            // (and always offline) they are on disk before they are sent.
+            let stored = if self.connected && self.spec.write_behind.is_some() {
                 self.queue.stage(&self.unsaved[..batch_len], &mut ids)
             } else {
                 self.queue
@@ -673,18 +677,23 @@ impl<L: LocalLink> Runner<L> {
         if self
             .queue
             .unwritten_since()
-            .is_some_and(|t| t.elapsed() >= WRITE_DELAY)
+            .is_some_and(|t| t.elapsed() >= self.flush_delay())
         {
             self.flush_staged();
         }
-        // Deleted with the next write (at most WRITE_DELAY later); a
+        // Deleted with the next write (at most `flush_delay` later); a
         // crash before that sends them again: at least once.
         self.queue.ack_later(&self.acked);
         self.acked.clear();
         self.sync_queue_stats();
     }
 
-    /// Writes the staged messages to disk now.
+    /// How long staged messages and acknowledged rows wait for a write.
+    fn flush_delay(&self) -> Duration {
+        self.spec.write_behind.unwrap_or(DELETE_DELAY)
+    }
+
+    /// Writes staged messages and deletes acknowledged rows now.
     fn flush_staged(&mut self) {
         if let Err(e) = self.queue.flush() {
             self.queue_failed(e);

@@ -159,6 +159,11 @@ pub struct QueueConfig {
     /// (`max_inflight` at a time).
     #[serde(default)]
     pub drain_rate: Option<u32>,
+    /// While connected, send a message before it is written and write it
+    /// only if it is still unacknowledged after this long (write-behind);
+    /// unset: every message is on disk before it is sent.
+    #[serde(default, with = "humantime_serde")]
+    pub write_behind: Option<Duration>,
 }
 
 impl Default for QueueConfig {
@@ -167,6 +172,7 @@ impl Default for QueueConfig {
             max_bytes: default_queue_bytes(),
             max_age: None,
             drain_rate: None,
+            write_behind: None,
         }
     }
 }
@@ -323,6 +329,17 @@ mod tests {
     }
 
     #[test]
+    fn write_behind_is_a_short_duration() {
+        let bridge = |v: &str| {
+            format!("  - name: cloud\n    url: mqtt://h:1\n    queue: {{ write_behind: {v} }}\n")
+        };
+        assert_eq!(errors(&bridge("20ms")), "");
+        let e = errors(&bridge("2s"));
+        assert!(e.contains("queue.write_behind: must be at most 1s"), "{e}");
+        assert!(errors(&bridge("soon")).contains("c.yaml:5:"));
+    }
+
+    #[test]
     fn bad_urls_and_half_mutual_tls() {
         let e = errors("  - name: cloud\n    url: mqtts://h:notaport\n    tls: { cert: c.pem }\n");
         assert!(e.contains("invalid port"), "{e}");
@@ -336,6 +353,7 @@ mod tests {
         let b = &c.bridges[0];
         assert_eq!(b.max_inflight, 100);
         assert_eq!(b.queue.max_bytes.0, 64 << 20);
+        assert_eq!(b.queue.write_behind, None, "strict by default");
         assert_eq!(b.reconnect.min, std::time::Duration::from_secs(1));
     }
 }

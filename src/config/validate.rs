@@ -508,6 +508,15 @@ fn bridge_connection(b: &BridgeConfig, at: &dyn Fn(&str) -> String, p: &mut Prob
     if b.queue.max_bytes.0 == 0 {
         p.add(at("queue.max_bytes"), "must be larger than 0");
     }
+    if b.queue
+        .write_behind
+        .is_some_and(|d| d > Duration::from_secs(1))
+    {
+        p.add(
+            at("queue.write_behind"),
+            "must be at most 1s (it is how much a crash of the process may lose)",
+        );
+    }
     if let Some(tls) = &b.tls {
         if tls.cert.is_some() != tls.key.is_some() {
             p.add(
@@ -865,6 +874,12 @@ fn onenet(i: usize, b: &BridgeConfig, o: &OneNetConfig, p: &mut Problems) {
         p.add(
             at("queue.drain_rate"),
             "a OneNET bridge paces itself with `onenet.min_interval`; remove `drain_rate`",
+        );
+    }
+    if b.queue.write_behind.is_some() {
+        p.add(
+            at("queue.write_behind"),
+            "a OneNET bridge writes every post before sending it; remove `write_behind`",
         );
     }
     if let Some(u) = &b.url {
@@ -1326,6 +1341,11 @@ mod onenet_tests {
             ("", "    will: { topic: x }\n", "does not accept a will"),
             ("", "    protocol: mqtt5\n", "MQTT 3.1.1 only"),
             ("", "    queue: { drain_rate: 5 }\n", "remove `drain_rate`"),
+            (
+                "",
+                "    queue: { write_behind: 20ms }\n",
+                "remove `write_behind`",
+            ),
         ];
         for (o, b, want) in cases {
             let e = load(&onenet(o, b)).unwrap_err();

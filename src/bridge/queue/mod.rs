@@ -23,16 +23,16 @@
 //! process (the WAL is in the OS page cache); a power cut may lose the last
 //! transactions committed since the last checkpoint, never corrupt the file.
 //!
-//! # Write-behind
+//! # Batched deletes, optional write-behind
 //! [`Queue::append_with_ids`] and [`Queue::ack`] write at once. The generic
-//! bridge, while connected, uses [`Queue::stage`] and [`Queue::ack_later`]
-//! instead and calls [`Queue::flush`] every few milliseconds: a message
-//! acknowledged before the flush is never written, and the flush is one
-//! transaction for every insert and delete since the last one. This took
-//! the disk out of the per-message cost (the deletes of single rows were
-//! 43 % of the bridge's time in a backlog drain). Staged messages are
-//! counted, peeked and limited like written ones, and are written when the
-//! queue is closed.
+//! bridge acknowledges with [`Queue::ack_later`]: the deletes go into the
+//! transaction of the next append, or a [`Queue::flush`] within a few
+//! milliseconds, one statement per run of consecutive ids (single-row
+//! deletes, one transaction per batch of acks, were 43 % of the bridge's
+//! time in a backlog drain). With `queue.write_behind` it also appends with
+//! [`Queue::stage`] while connected: a message acknowledged before the
+//! flush is never written. Staged messages are counted, peeked and limited
+//! like written ones, and are written when the queue is closed.
 //!
 //! # Blocking
 //! Calls are synchronous. The bridge calls them from its task: a WAL commit
@@ -296,59 +296,18 @@ impl Queue {
         msgs: &[Message],
         ids: &mut Vec<(usize, i64)>,
     ) -> Result<(u64, Millis), QueueError> {
-        ids.clear();
-        let ts = now_ms();
-        // Staged rows are older: they go first.
-        self.flush()?;
-        if msgs.is_empty() {
-            return Ok((0, ts));
-        }
-        let mut oversize = 0;
-        let mut next_id = self.last_id;
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| sql(&self.path, source))?;
-        let (mut added, mut added_bytes) = (0u64, 0u64);
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO messages (id, ts, qos, retain, size, topic, payload) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(|source| sql(&self.path, source))?;
-            for (i, m) in msgs.iter().enumerate() {
-                let size = message_size(&m.topic, &m.payload);
-                if size > self.limits.max_bytes {
-                    oversize += 1;
-                    continue;
-                }
-                next_id += 1;
-                stmt.execute(params![
-                    next_id,
-                    ts,
-                    m.qos as u8,
-                    m.retain,
-                    size as i64,
-                    m.topic,
-                    m.payload.as_ref()
-                ])
-                .map_err(|source| sql(&self.path, source))?;
-                ids.push((i, next_id));
-                added += 1;
-                added_bytes += size;
+        let before = (self.depth, self.bytes, self.last_id, self.dirty_since);
+        let stored = self.stage(msgs, ids)?;
+        // One transaction with whatever was staged or acknowledged before.
+        if let Err(e) = self.flush() {
+            // Nothing of this call stays: the caller keeps the messages.
+            for (_, id) in ids.drain(..) {
+                self.staged.remove(&id);
             }
+            (self.depth, self.bytes, self.last_id, self.dirty_since) = before;
+            return Err(e);
         }
-        tx.commit().map_err(|source| sql(&self.path, source))?;
-        self.last_id = next_id;
-        self.depth += added;
-        self.bytes += added_bytes;
-        if oversize > 0 {
-            tracing::warn!(bridge = %self.name, dropped = oversize, max_bytes = self.limits.max_bytes,
-                "message larger than the whole queue limit dropped");
-            self.count_drops(oversize);
-        }
-        Ok((oversize + self.enforce_limits()?, ts))
+        Ok(stored)
     }
 
     /// Appends messages in memory only (write-behind), in order; they count
