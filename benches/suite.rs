@@ -450,6 +450,30 @@ fn shipped_config(data: &Path) -> (String, u16) {
 
 // ---------------------------------------------------------------- scenarios
 
+/// The gateway's retained bridge status (JSON), read from its local broker.
+async fn bridge_status(port: u16) -> String {
+    let mut o = MqttOptions::new("status-reader", "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(o, 10);
+    let read = async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe("edgebridge/+/bridges/+/status", QoS::AtMostOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    return String::from_utf8_lossy(&p.payload).into_owned();
+                }
+                Ok(_) => {}
+                Err(e) => return format!("no status: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| "no status within 5 s".into())
+}
+
 /// Publishes `n` messages as fast as the client goes; waits until the
 /// subscriber got them. (msg/s, delivered, bridging process CPU s.)
 async fn burst(
@@ -529,6 +553,12 @@ async fn bridge_throughput(dir: &Path, n: u64, rounds: u64, rows: &mut Vec<Row>)
             let tag = format!("eb{round}");
             let (rate, got, cpu) = burst(local_port, &cloud, q, n, 64, &tag, gw.pid()).await;
             let eb_stats = proc_stats(gw.pid());
+            // Its own count of what it forwarded tells where a loss was.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            eprintln!(
+                "{tag} QoS {q}: bridge status {}",
+                bridge_status(local_port).await
+            );
             drop(gw);
 
             let conf = format!(

@@ -238,6 +238,88 @@ impl SubscriptionRx {
     pub async fn recv(&mut self) -> Option<Message> {
         self.inner.recv().await
     }
+
+    /// Hands every message to `out` until the bus, `out` or the returned
+    /// [`Forwarder`] is gone. On the embedded broker the link is read by a
+    /// thread of its own (`name`) with blocking reads: rumqttd keeps a
+    /// bounded log per filter and a reader that falls behind it loses QoS 0
+    /// messages, so this reader must run as soon as the router wakes it,
+    /// not when a busy runtime gets to it. On an external broker it is a
+    /// task.
+    pub fn forward_to(self, name: &str, out: mpsc::Sender<Message>) -> Result<Forwarder, BusError> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        match self.inner.inner {
+            SubInner::RxOnly(rx) | SubInner::Link { rx, .. } => {
+                let flag = stop.clone();
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || read_link(rx, out, &flag))
+                    .map_err(|e| BusError::Link(e.to_string()))?;
+                Ok(Forwarder { stop, task: None })
+            }
+            _ => {
+                let mut me = self;
+                let task = tokio::spawn(async move {
+                    while let Some(m) = me.recv().await {
+                        if out.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(Forwarder {
+                    stop,
+                    task: Some(task),
+                })
+            }
+        }
+    }
+}
+
+/// Stops the reader of [`SubscriptionRx::forward_to`] when dropped (a thread
+/// notices within a second).
+pub struct Forwarder {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The loop of a link reader thread (see [`SubscriptionRx::forward_to`]).
+fn read_link(mut rx: LinkRx, out: mpsc::Sender<Message>, stop: &std::sync::atomic::AtomicBool) {
+    use rumqttd::local::LinkError;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        match rx.recv_deadline(deadline) {
+            Ok(Some(Notification::Forward(f))) => {
+                let m = Message {
+                    topic: String::from_utf8_lossy(&f.publish.topic).into_owned(),
+                    payload: f.publish.payload,
+                    qos: Qos::AtMostOnce,
+                    retain: f.publish.retain,
+                };
+                if out.blocking_send(m).is_err() {
+                    return;
+                }
+            }
+            // The router paused us because our buffer was full: ask for
+            // more now that we are reading again.
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.ready().is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// The publishing half of a [`Subscription`].

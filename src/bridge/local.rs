@@ -6,20 +6,21 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::task::{Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};
-use crate::bus::{Bus, BusError, SubscriptionTx};
+use crate::bus::{Bus, BusError, Forwarder, SubscriptionTx};
 use crate::config::Config;
 use crate::model::Message;
 
 /// Messages between the bus client's receiving task and the bridge.
 const LINK_QUEUE: usize = 4096;
 
-/// A bridge's client on the local bus. The receiving half runs in a task of
-/// its own (see [`crate::bus::Subscription::split`]) and hands messages over
-/// a channel, which the bridge can wait on in `select!` safely.
+/// A bridge's client on the local bus. The receiving half is read by a
+/// thread of its own (see [`crate::bus::SubscriptionRx::forward_to`]) that
+/// hands messages over a channel, which the bridge can wait on in `select!`
+/// safely.
 pub struct BusLink {
     rx: mpsc::Receiver<Message>,
     tx: SubscriptionTx,
-    pump: JoinHandle<()>,
+    _reader: Forwarder,
 }
 
 impl BusLink {
@@ -30,22 +31,14 @@ impl BusLink {
         filters: &[(String, crate::model::Qos)],
     ) -> Result<BusLink, BusError> {
         let sub = bus.subscribe(client_id, filters).await?;
-        let (mut sub_rx, tx) = sub.split();
+        let (sub_rx, tx) = sub.split();
         let (fwd, rx) = mpsc::channel(LINK_QUEUE);
-        let pump = tokio::spawn(async move {
-            while let Some(m) = sub_rx.recv().await {
-                if fwd.send(m).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(BusLink { rx, tx, pump })
-    }
-}
-
-impl Drop for BusLink {
-    fn drop(&mut self) {
-        self.pump.abort();
+        let reader = sub_rx.forward_to("bridge-rx", fwd)?;
+        Ok(BusLink {
+            rx,
+            tx,
+            _reader: reader,
+        })
     }
 }
 
