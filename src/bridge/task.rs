@@ -425,6 +425,8 @@ struct Runner<L> {
     refused: u64,
     /// With `drain_rate`: spaces the sends.
     pacer: Option<Pacer>,
+    /// When the last queue write failed (they are retried a second later).
+    flush_failed_at: Option<Instant>,
 }
 
 impl<L: LocalLink> Runner<L> {
@@ -468,6 +470,7 @@ impl<L: LocalLink> Runner<L> {
             echo: EchoGuard::default(),
             refused: 0,
             pacer: spec_pacer,
+            flush_failed_at: None,
         }
     }
 
@@ -481,10 +484,7 @@ impl<L: LocalLink> Runner<L> {
             self.persist();
             self.fill_window();
             let rate_wait = self.rate_limited();
-            let write_at = self
-                .queue
-                .unwritten_since()
-                .map(|t| Instant::from_std(t) + self.flush_delay());
+            let write_at = self.write_at();
             // Not `biased`: a steady stream of acks during a drain must not
             // starve the local bus (live data keeps being queued).
             tokio::select! {
@@ -674,11 +674,7 @@ impl<L: LocalLink> Runner<L> {
             }
             self.appended = ids;
         }
-        if self
-            .queue
-            .unwritten_since()
-            .is_some_and(|t| t.elapsed() >= self.flush_delay())
-        {
+        if self.write_at().is_some_and(|at| at <= Instant::now()) {
             self.flush_staged();
         }
         // Deleted with the next write (at most `flush_delay` later); a
@@ -695,9 +691,25 @@ impl<L: LocalLink> Runner<L> {
 
     /// Writes staged messages and deletes acknowledged rows now.
     fn flush_staged(&mut self) {
-        if let Err(e) = self.queue.flush() {
-            self.queue_failed(e);
+        match self.queue.flush() {
+            Ok(()) => self.flush_failed_at = None,
+            Err(e) => {
+                // A full or broken disk: try again in a second, not on
+                // every turn of the loop.
+                self.flush_failed_at = Some(Instant::now());
+                self.queue_failed(e);
+            }
         }
+    }
+
+    /// When the waiting queue writes are due: `flush_delay` after the
+    /// oldest, or a second after a failed attempt.
+    fn write_at(&self) -> Option<Instant> {
+        let due = Instant::from_std(self.queue.unwritten_since()?) + self.flush_delay();
+        Some(match self.flush_failed_at {
+            Some(failed) => due.max(failed + Duration::from_secs(1)),
+            None => due,
+        })
     }
 
     fn queue_failed(&mut self, e: QueueError) {
