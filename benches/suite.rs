@@ -601,7 +601,13 @@ async fn bridge_throughput(dir: &Path, n: u64, rounds: u64, rows: &mut Vec<Row>)
             ));
         }
         ratios.sort_by(f64::total_cmp);
-        let median = ratios[ratios.len() / 2];
+        // With an even count, the mean of the middle two (not the upper one).
+        let mid = ratios.len() / 2;
+        let median = if ratios.len() % 2 == 0 {
+            (ratios[mid - 1] + ratios[mid]) / 2.0
+        } else {
+            ratios[mid]
+        };
         let range = if ratios.len() > 1 {
             format!(
                 " (min {:.2}, max {:.2}, {} rounds)",

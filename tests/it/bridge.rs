@@ -178,6 +178,35 @@ async fn remote_subscriber(
     (client, rx)
 }
 
+/// The number a test published as the payload.
+fn seq_of(payload: &Bytes) -> usize {
+    std::str::from_utf8(payload).unwrap().parse().unwrap()
+}
+
+/// Reads the remote subscriber until every number in `0..n` has arrived
+/// (after those in `already` read), and asserts that each arrived the first
+/// time in order; repeats (at least once) are allowed.
+async fn expect_every_number_in_order(
+    seen: &mut mpsc::UnboundedReceiver<(String, Bytes)>,
+    n: usize,
+    already: &[usize],
+) {
+    let mut got = Vec::with_capacity(n);
+    let mut set = std::collections::HashSet::new();
+    for &i in already {
+        if set.insert(i) {
+            got.push(i);
+        }
+    }
+    while set.len() < n {
+        let i = seq_of(&next_remote(seen).await.1);
+        if set.insert(i) {
+            got.push(i);
+        }
+    }
+    assert!(got.iter().copied().eq(0..n), "not in order");
+}
+
 async fn next_remote(rx: &mut mpsc::UnboundedReceiver<(String, Bytes)>) -> (String, Bytes) {
     tokio::time::timeout(WAIT, rx.recv())
         .await
@@ -366,16 +395,7 @@ async fn outage_with_10000_messages_loses_nothing_and_keeps_order() {
     b.wait_status("all queued", |s| s.queue_depth == N as u64)
         .await;
     m.restart();
-    let mut got = Vec::with_capacity(N);
-    let mut seen_set = std::collections::HashSet::new();
-    while seen_set.len() < N {
-        let (_, p) = next_remote(&mut seen).await;
-        let i: usize = std::str::from_utf8(&p).unwrap().parse().unwrap();
-        if seen_set.insert(i) {
-            got.push(i);
-        }
-    }
-    assert!(got.iter().copied().eq(0..N), "not in order");
+    expect_every_number_in_order(&mut seen, N, &[]).await;
     let s = b.wait_status("drained", |s| s.queue_depth == 0).await;
     assert_eq!(s.forwarded, N as u64);
     b.stop().await;
@@ -399,29 +419,18 @@ async fn write_behind_loses_nothing_when_the_uplink_breaks_mid_stream() {
     let mut b = start_bridge(&yaml, data_dir(), None);
     b.wait_status("connected", |s| s.connected).await;
     const N: usize = 4_000;
-    let mut got = Vec::with_capacity(N);
-    let mut seen_set = std::collections::HashSet::new();
+    let mut first = Vec::new();
     for i in 0..N {
         b.publish("PV/seq", i.to_string()).await;
         if i == N / 2 {
             // Some of the first half have arrived: the uplink is live.
-            let (_, p) = next_remote(&mut seen).await;
-            let i: usize = std::str::from_utf8(&p).unwrap().parse().unwrap();
-            seen_set.insert(i);
-            got.push(i);
+            first.push(seq_of(&next_remote(&mut seen).await.1));
             m.stop();
         }
     }
     b.wait_status("disconnected", |s| !s.connected).await;
     m.restart();
-    while seen_set.len() < N {
-        let (_, p) = next_remote(&mut seen).await;
-        let i: usize = std::str::from_utf8(&p).unwrap().parse().unwrap();
-        if seen_set.insert(i) {
-            got.push(i);
-        }
-    }
-    assert!(got.iter().copied().eq(0..N), "not in order");
+    expect_every_number_in_order(&mut seen, N, &first).await;
     b.wait_status("drained", |s| s.queue_depth == 0).await;
     let dir = b.stop().await;
     let (q, _) = edgebridge::bridge::queue::Queue::open(
