@@ -5,13 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Filter, Packet, Publish, QoS as DQoS, RetainForwardRule, Subscribe};
-use rumqttd::Notification;
 use tokio::sync::mpsc;
 
-use crate::broker::EmbeddedBroker;
+use crate::broker::{EmbeddedBroker, LocalPublisher, LocalSubscription};
 use crate::model::{Message, Qos};
 
 /// Messages waiting for the broker; publishers wait when it is full.
@@ -41,19 +37,12 @@ enum Backend {
 }
 
 impl Bus {
-    /// A bus on the embedded broker. Publishing runs on its own thread
-    /// because rumqttd's link hands packets to the router with a blocking
-    /// channel send.
+    /// A bus on the embedded broker. One task hands the gateway's messages
+    /// to the broker in order.
     pub fn embedded(broker: Arc<EmbeddedBroker>) -> Result<Bus, BusError> {
-        let (link_tx, _link_rx) = broker
-            .link("edgebridge-publisher", true)
-            .map_err(|e| BusError::Link(e.to_string()))?;
+        let publisher = broker.publisher_as("edgebridge-publisher");
         let (publish_tx, rx) = mpsc::channel(PUBLISH_QUEUE);
-        let handle = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name("bus-publisher".into())
-            .spawn(move || handle.block_on(run_publisher(link_tx, rx)))
-            .map_err(|e| BusError::Link(e.to_string()))?;
+        tokio::spawn(run_publisher(publisher, rx));
         Ok(Bus {
             publish_tx,
             backend: Backend::Embedded(broker),
@@ -103,16 +92,22 @@ impl Bus {
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // The router and the client connections run on other threads;
-        // give them a moment to write what they were handed.
+        // The client connections run on other tasks; give them a moment to
+        // write what they were handed.
         let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::time::sleep(rest.min(Duration::from_millis(100))).await;
     }
 
-    /// A new client of the bus that receives messages on `filters`. Its
-    /// filters ask for no-local, but rumqttd 0.20 ignores that (and an
-    /// external MQTT 3.1.1 broker has none): a client does receive what it
-    /// publishes itself. The bridge's loop guard deals with it.
+    /// Whether a bus client receives what it publishes itself. The embedded
+    /// broker honours no-local for the gateway's own clients; an external
+    /// MQTT 3.1.1 broker has none.
+    pub fn echoes_own_publishes(&self) -> bool {
+        matches!(self.backend, Backend::External(_))
+    }
+
+    /// A new client of the bus that receives messages on `filters`
+    /// (retained ones first), never its own publishes on the embedded
+    /// broker (see [`Bus::echoes_own_publishes`]).
     pub async fn subscribe(
         &self,
         client_id: &str,
@@ -120,29 +115,11 @@ impl Bus {
     ) -> Result<Subscription, BusError> {
         match &self.backend {
             Backend::Embedded(broker) => {
-                let (mut tx, rx) = broker
-                    .link(client_id, true)
-                    .map_err(|e| BusError::Link(e.to_string()))?;
-                if !filters.is_empty() {
-                    let sub = Subscribe {
-                        pkid: 1,
-                        filters: filters
-                            .iter()
-                            .map(|(f, _)| Filter {
-                                path: f.clone(),
-                                qos: DQoS::AtMostOnce,
-                                nolocal: true,
-                                preserve_retain: false,
-                                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-                            })
-                            .collect(),
-                    };
-                    tx.send(Packet::Subscribe(sub, None))
-                        .await
-                        .map_err(|e| BusError::Link(e.to_string()))?;
-                }
+                let names: Vec<String> = filters.iter().map(|(f, _)| f.clone()).collect();
+                let rx = broker.subscribe(client_id, &names).await;
+                let tx = broker.publisher_as(client_id);
                 Ok(Subscription {
-                    inner: SubInner::Link { tx, rx },
+                    inner: SubInner::Local { tx, rx },
                 })
             }
             Backend::External(ext) => {
@@ -155,30 +132,10 @@ impl Bus {
     }
 }
 
-async fn run_publisher(mut link: LinkTx, mut rx: mpsc::Receiver<Message>) {
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        let last = batch.pop();
-        {
-            // Queue all but the last without waking the router; the last
-            // send wakes it once for the whole batch.
-            let mut buf = link.buffer();
-            for m in batch.drain(..) {
-                buf.push_back(to_packet(m));
-            }
-        }
-        if let Some(m) = last {
-            if link.send(to_packet(m)).await.is_err() {
-                tracing::error!("the broker's router is gone; stopping the publisher");
-                return;
-            }
-        }
+async fn run_publisher(publisher: LocalPublisher, mut rx: mpsc::Receiver<Message>) {
+    while let Some(m) = rx.recv().await {
+        publisher.publish(m).await;
     }
-}
-
-fn to_packet(m: Message) -> Packet {
-    let topic = Bytes::from(m.topic.into_bytes());
-    Packet::Publish(Publish::new(topic, m.payload, m.retain), None)
 }
 
 /// One bus client: receives what matches its filters, and can publish.
@@ -187,45 +144,19 @@ pub struct Subscription {
 }
 
 enum SubInner {
-    Link {
-        tx: LinkTx,
-        rx: LinkRx,
+    Local {
+        tx: LocalPublisher,
+        rx: LocalSubscription,
     },
     External {
         client: rumqttc::AsyncClient,
         rx: mpsc::Receiver<Message>,
     },
     /// Halves made by [`Subscription::split`].
-    RxOnly(LinkRx),
-    TxOnly(LinkTx),
+    LocalRx(LocalSubscription),
+    LocalTx(LocalPublisher),
     ExternalTx(rumqttc::AsyncClient),
     Closed,
-}
-
-/// The next forwarded message on an embedded-broker link.
-async fn link_recv(rx: &mut LinkRx) -> Option<Message> {
-    loop {
-        match rx.next().await {
-            Ok(Some(Notification::Forward(f))) => {
-                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                return Some(Message {
-                    topic,
-                    payload: f.publish.payload,
-                    qos: Qos::AtMostOnce,
-                    retain: f.publish.retain,
-                });
-            }
-            // The router paused us because our buffer was full;
-            // ask for more now that we are reading again.
-            Ok(Some(Notification::Unschedule)) => {
-                if rx.wake().await.is_err() {
-                    return None;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => return None,
-        }
-    }
 }
 
 /// The receiving half of a [`Subscription`].
@@ -240,85 +171,28 @@ impl SubscriptionRx {
     }
 
     /// Hands every message to `out` until the bus, `out` or the returned
-    /// [`Forwarder`] is gone. On the embedded broker the link is read by a
-    /// thread of its own (`name`) with blocking reads: rumqttd keeps a
-    /// bounded log per filter and a reader that falls behind it loses QoS 0
-    /// messages, so this reader must run as soon as the router wakes it,
-    /// not when a busy runtime gets to it. On an external broker it is a
-    /// task.
-    pub fn forward_to(self, name: &str, out: mpsc::Sender<Message>) -> Result<Forwarder, BusError> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        match self.inner.inner {
-            SubInner::RxOnly(rx) | SubInner::Link { rx, .. } => {
-                let flag = stop.clone();
-                std::thread::Builder::new()
-                    .name(name.into())
-                    .spawn(move || read_link(rx, out, &flag))
-                    .map_err(|e| BusError::Link(e.to_string()))?;
-                Ok(Forwarder { stop, task: None })
+    /// [`Forwarder`] is gone.
+    pub fn forward_to(self, _name: &str, out: mpsc::Sender<Message>) -> Result<Forwarder, BusError> {
+        let mut me = self;
+        let task = tokio::spawn(async move {
+            while let Some(m) = me.recv().await {
+                if out.send(m).await.is_err() {
+                    return;
+                }
             }
-            _ => {
-                let mut me = self;
-                let task = tokio::spawn(async move {
-                    while let Some(m) = me.recv().await {
-                        if out.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                Ok(Forwarder {
-                    stop,
-                    task: Some(task),
-                })
-            }
-        }
+        });
+        Ok(Forwarder { task })
     }
 }
 
-/// Stops the reader of [`SubscriptionRx::forward_to`] when dropped (a thread
-/// notices within a second).
+/// Stops the reader of [`SubscriptionRx::forward_to`] when dropped.
 pub struct Forwarder {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
-/// The loop of a link reader thread (see [`SubscriptionRx::forward_to`]).
-fn read_link(mut rx: LinkRx, out: mpsc::Sender<Message>, stop: &std::sync::atomic::AtomicBool) {
-    use rumqttd::local::LinkError;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        match rx.recv_deadline(deadline) {
-            Ok(Some(Notification::Forward(f))) => {
-                let m = Message {
-                    topic: String::from_utf8_lossy(&f.publish.topic).into_owned(),
-                    payload: f.publish.payload,
-                    qos: Qos::AtMostOnce,
-                    retain: f.publish.retain,
-                };
-                if out.blocking_send(m).is_err() {
-                    return;
-                }
-            }
-            // The router paused us because our buffer was full: ask for
-            // more now that we are reading again.
-            Ok(Some(Notification::Unschedule)) => {
-                if rx.ready().is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
-            Err(_) => return,
-        }
+        self.task.abort();
     }
 }
 
@@ -338,68 +212,40 @@ impl Subscription {
     /// The next message; `None` when the bus is gone.
     pub async fn recv(&mut self) -> Option<Message> {
         match &mut self.inner {
-            SubInner::Link { rx, .. } => link_recv(rx).await,
+            SubInner::Local { rx, .. } | SubInner::LocalRx(rx) => rx.recv().await,
             SubInner::External { rx, .. } => rx.recv().await,
-            SubInner::RxOnly(rx) => link_recv(rx).await,
-            SubInner::TxOnly(_) | SubInner::ExternalTx(_) | SubInner::Closed => None,
+            SubInner::LocalTx(_) | SubInner::ExternalTx(_) | SubInner::Closed => None,
         }
     }
 
     /// Splits into a receiving and a publishing half of the same client,
-    /// so that one task can wait in `recv` while another publishes. Waiting in `recv` must
-    /// not be cancelled half-way on the embedded broker (a cancelled wake-up
-    /// would leave the link paused), so give the receiving half a task of
-    /// its own rather than a branch in a `select!`.
+    /// so that one task can wait in `recv` while another publishes.
     pub fn split(self) -> (SubscriptionRx, SubscriptionTx) {
-        match self.inner {
-            SubInner::Link { tx, rx } => (
-                SubscriptionRx {
-                    inner: Subscription {
-                        inner: SubInner::RxOnly(rx),
-                    },
-                },
-                SubscriptionTx {
-                    inner: Subscription {
-                        inner: SubInner::TxOnly(tx),
-                    },
-                },
-            ),
+        let half = |inner| Subscription { inner };
+        let (rx, tx) = match self.inner {
+            SubInner::Local { tx, rx } => (SubInner::LocalRx(rx), SubInner::LocalTx(tx)),
             SubInner::External { client, rx } => (
-                SubscriptionRx {
-                    inner: Subscription {
-                        inner: SubInner::External {
-                            client: client.clone(),
-                            rx,
-                        },
-                    },
+                SubInner::External {
+                    client: client.clone(),
+                    rx,
                 },
-                SubscriptionTx {
-                    inner: Subscription {
-                        inner: SubInner::ExternalTx(client),
-                    },
-                },
+                SubInner::ExternalTx(client),
             ),
-            other => (
-                SubscriptionRx {
-                    inner: Subscription { inner: other },
-                },
-                SubscriptionTx {
-                    inner: Subscription {
-                        inner: SubInner::Closed,
-                    },
-                },
-            ),
-        }
+            other => (other, SubInner::Closed),
+        };
+        (
+            SubscriptionRx { inner: half(rx) },
+            SubscriptionTx { inner: half(tx) },
+        )
     }
 
     /// Publishes from this client.
     pub async fn publish(&mut self, msg: Message) -> Result<(), BusError> {
         match &mut self.inner {
-            SubInner::Link { tx, .. } | SubInner::TxOnly(tx) => tx
-                .send(to_packet(msg))
-                .await
-                .map(|_| ())
-                .map_err(|e| BusError::Link(e.to_string())),
+            SubInner::Local { tx, .. } | SubInner::LocalTx(tx) => {
+                tx.publish(msg).await;
+                Ok(())
+            }
             SubInner::External { client, .. } | SubInner::ExternalTx(client) => client
                 .publish(
                     msg.topic,
@@ -409,7 +255,7 @@ impl Subscription {
                 )
                 .await
                 .map_err(|e| BusError::External(e.to_string())),
-            SubInner::RxOnly(_) | SubInner::Closed => Err(BusError::Closed),
+            SubInner::LocalRx(_) | SubInner::Closed => Err(BusError::Closed),
         }
     }
 }

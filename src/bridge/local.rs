@@ -14,12 +14,13 @@ use crate::model::Message;
 const LINK_QUEUE: usize = 4096;
 
 /// A bridge's client on the local bus. The receiving half is read by a
-/// thread of its own (see [`crate::bus::SubscriptionRx::forward_to`]) that
+/// task of its own (see [`crate::bus::SubscriptionRx::forward_to`]) that
 /// hands messages over a channel, which the bridge can wait on in `select!`
 /// safely.
 pub struct BusLink {
     rx: mpsc::Receiver<Message>,
     tx: SubscriptionTx,
+    echoes: bool,
     _reader: Forwarder,
 }
 
@@ -37,6 +38,7 @@ impl BusLink {
         Ok(BusLink {
             rx,
             tx,
+            echoes: bus.echoes_own_publishes(),
             _reader: reader,
         })
     }
@@ -51,10 +53,10 @@ impl LocalLink for BusLink {
         self.tx.publish(message).await.map_err(|e| e.to_string())
     }
 
-    /// rumqttd 0.20 ignores no-local, and MQTT 3.1.1 (an external bus)
-    /// has none: the bridge gets its own downlink publishes back.
+    /// The embedded broker keeps a client's own publishes from it
+    /// (no-local); MQTT 3.1.1 on an external bus has no such thing.
     fn echoes_own_publishes(&self) -> bool {
-        true
+        self.echoes
     }
 }
 

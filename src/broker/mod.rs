@@ -1,27 +1,57 @@
-//! The embedded broker. rumqttd's `Broker::start()` never returns and only
-//! logs bind errors, so we build its router and servers ourselves on our
-//! runtime: a busy port is a startup error, and shutdown closes listeners.
+//! The embedded broker: rmqtt (a conformant MQTT 3.1, 3.1.1 and 5 broker
+//! library) on the gateway's runtime, with edgebridge's parts around it.
+//!
+//! ```text
+//!  LAN clients ──TCP/WS──▶ rmqtt listeners ──┐        (tls.rs: TLS in front)
+//!                                            ▼
+//!        hooks.rs: login, ACL, counting ──▶ rmqtt sessions, routing,
+//!                                            │   retained (rmqtt-retainer)
+//!  gateway parts ──publish()──▶ forwards ────┤
+//!                                            ▼
+//!                          local.rs: Tap ──▶ in-process subscribers
+//!                                            (bridges, rules, commands)
+//! ```
+//!
+//! Routing, sessions, QoS and retained messages are rmqtt's. Ours are: the
+//! listeners' settings (below), who may log in and what they may do
+//! (`access.rs`, `hooks.rs`), keep-alive and expiry rules (`fitter.rs`),
+//! the in-process clients (`local.rs`), `$SYS` (`sys.rs`), TLS (`tls.rs`)
+//! and keeping retained messages across restarts (`persist.rs`).
 
-mod auth;
-mod supervisor;
+mod access;
+pub mod auth;
+mod fitter;
+mod hooks;
+mod local;
+mod persist;
+mod share;
+mod sys;
+mod tls;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::Arc;
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
-use rumqttd::protocol::{v4::V4, v5::V5};
-use rumqttd::{
-    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, TlsConfig,
-};
+use rmqtt::codec::types::Publish as CodecPublish;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::Type;
+use rmqtt::net::{Builder, Listener};
+use rmqtt::server::MqttServer;
+use rmqtt::session::SessionState;
+use rmqtt::types::{From as Origin, Id, Publish};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub use access::{Access, Policy, PolicyError};
 pub use auth::{hash_password, Users};
-pub use supervisor::{listener_restarts, note_listener_panic, watch_layer};
-
-use supervisor::{supervise, watch_listener_panics};
+pub use fitter::keep_alive_limit;
+pub use hooks::{acl_denied, logins_refused};
+pub use local::{STALL_LIMIT, SUBSCRIBER_QUEUE};
 
 use crate::config::{BrokerConfig, Config, ListenerProtocol};
+use crate::model::{Message, Qos};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -30,180 +60,220 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("listener {addr} stopped at startup: {reason}")]
+    #[error("listener {addr}: {reason}")]
     Listener { addr: SocketAddr, reason: String },
     #[error("listener {addr}: TLS file {path} does not exist")]
     TlsFile { addr: SocketAddr, path: String },
-    #[error("cannot open an in-process link to the broker: {0}")]
-    Link(String),
+    #[error("listener {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: tls::TlsError,
+    },
+    #[error("the broker's access policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("the embedded broker: {0}")]
+    Setup(String),
 }
 
-/// Longest client id accepted on a listener with users (rumqttd itself
-/// only bounds it by the packet size). MQTT 3.1.1 requires 23 bytes to
-/// work; 256 leaves room for UUIDs and hostnames.
+/// Longest client id accepted (MQTT 3.1.1 requires 23 bytes to work; 256
+/// leaves room for UUIDs and host names, and bounds what a client can make
+/// the broker keep per session).
 pub const MAX_CLIENT_ID_LEN: usize = 256;
 
-type LinkFactory = dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync;
+/// QoS 1 and 2 messages a client may have unacknowledged towards the broker.
+/// MQTT 3.1.1 clients cannot learn a limit, so it is the protocol's own
+/// maximum: a client is never disconnected for its window.
+const INBOUND_WINDOW: u16 = u16::MAX;
 
-/// Starts one listener's rumqttd server task (captures the router).
-type ServerFactory = dyn Fn(ServerSettings, ListenerProtocol) -> JoinHandle<()> + Send + Sync;
+/// Extra room in a packet beyond `max_payload_size`: topic and properties.
+const PACKET_OVERHEAD: u32 = 64 * 1024;
 
 /// A running embedded broker.
 pub struct EmbeddedBroker {
-    links: Arc<LinkFactory>,
+    scx: ServerContext,
+    local: Arc<local::LocalClients>,
+    gate: hooks::Gate,
     listeners: Vec<(SocketAddr, ListenerProtocol)>,
-    servers: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
-    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// What [`EmbeddedBroker::open_listeners`] starts.
-    specs: Vec<(ListenerProtocol, ServerSettings)>,
-    spawn_server: Arc<ServerFactory>,
+    /// Bound, not yet served: taken by [`EmbeddedBroker::open_listeners`].
+    pending: Mutex<Vec<Pending>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    retained_file: PathBuf,
+    sys_interval: Duration,
+    started: Instant,
 }
 
+/// A listener bound at start and served once the gateway is ready.
+enum Pending {
+    /// rmqtt serves it directly (plain TCP or WebSocket).
+    Direct(ListenerId, Listener),
+    /// TLS: our front on the public socket, rmqtt on a loopback one.
+    Tls {
+        id: ListenerId,
+        public: StdListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        inner: Listener,
+    },
+}
+
+type ListenerId = u16;
+
 impl EmbeddedBroker {
-    /// Starts the router and checks every listener's address (a busy port
-    /// is an error here); the listeners open with
+    /// Sets the broker up and binds every listener (a busy port is an
+    /// error here), without serving them yet: they open with
     /// [`EmbeddedBroker::open_listeners`], once the gateway's own clients
     /// (the bridges) are subscribed, so that no LAN message is missed.
     pub async fn start(config: &Config) -> Result<EmbeddedBroker, BrokerError> {
         let b = &config.broker;
-        watch_listener_panics();
-        let router = Router::new(0, router_config(b));
-        // The router runs on its own OS thread for the life of the process
-        // (rumqttd has no way to stop it); everything else is ours.
-        let router_tx = router.spawn();
-        let tx = router_tx.clone();
-        let links: Arc<LinkFactory> = Arc::new(move |id: &str, clean: bool| {
-            LinkBuilder::new(id, tx.clone())
-                .clean_session(clean)
-                .build()
-                .map(|(t, r, _)| (t, r))
-                .map_err(|e| BrokerError::Link(e.to_string()))
+        let scx = ServerContext::new()
+            // rmqtt refuses logins ("server unavailable") while the
+            // machine's load average is high; a gateway next to a busy
+            // PLC must still serve its devices.
+            .busy_check_enable(false)
+            .plugins_config_map_add("rmqtt-retainer", RETAINER_CONFIG)
+            .build()
+            .await;
+        rmqtt_retainer::register(&scx, true, true)
+            .await
+            .map_err(|e| BrokerError::Setup(format!("retained messages: {e}")))?;
+        let local = Arc::new(local::LocalClients::default());
+        *scx.extends.shared_mut().await = Box::new(local::Tap::new(&scx, local.clone()));
+        *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
+            max_keep_alive: u16::try_from(b.max_keep_alive.as_secs()).unwrap_or(u16::MAX),
         });
-        let spawn_server: Arc<ServerFactory> = Arc::new(move |settings, protocol| {
-            let tx = router_tx.clone();
-            let addr = settings.listen;
-            tokio::spawn(async move {
-                let result = match protocol {
-                    ListenerProtocol::Mqtt => {
-                        Server::new(settings, tx, V4).start(LinkType::Remote).await
-                    }
-                    ListenerProtocol::Mqtt5 => {
-                        Server::new(settings, tx, V5).start(LinkType::Remote).await
-                    }
-                    ListenerProtocol::Ws => {
-                        Server::new(settings, tx, V4)
-                            .start(LinkType::Websocket)
-                            .await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::error!(%addr, error = %e, "listener stopped");
-                }
-            })
-        });
-        let users = Users::new(&b.users);
+        *scx.extends.shared_subscription_mut().await = Box::new(share::RoundRobin::default());
+
+        let gate = hooks::Gate::new(Policy::from_config(config)?);
+        let register = scx.extends.hook_mgr().register();
+        for typ in [
+            Type::ClientAuthenticate,
+            Type::ClientSubscribeCheckAcl,
+            Type::MessagePublishCheckAcl,
+            Type::MessageDelivered,
+            Type::MessageDropped,
+        ] {
+            register.add(typ, Box::new(gate.clone())).await;
+        }
+        register.start().await;
+
         let mut listeners = Vec::new();
-        let mut specs = Vec::new();
-        for l in &b.listeners {
-            let addr = resolve_port(l.bind)?;
-            let tls = match &l.tls {
-                None => None,
+        let mut pending = Vec::new();
+        for (i, l) in b.listeners.iter().enumerate() {
+            let id = ListenerId::try_from(i + 1).unwrap_or(ListenerId::MAX);
+            let anonymous = !!gate.policy().users.is_empty();
+            match &l.tls {
+                None => {
+                    let listener = bind(settings(b, l.bind, anonymous), l.protocol)?;
+                    let addr = listener
+                        .local_addr()
+                        .map_err(|e| BrokerError::Setup(e.to_string()))?;
+                    listeners.push((addr, l.protocol));
+                    pending.push(Pending::Direct(id, listener));
+                }
                 Some(t) => {
-                    let cert = config.resolve(&t.cert);
-                    let key = config.resolve(&t.key);
+                    let (cert, key) = (config.resolve(&t.cert), config.resolve(&t.key));
                     for p in [&cert, &key] {
                         if !p.exists() {
                             return Err(BrokerError::TlsFile {
-                                addr,
+                                addr: l.bind,
                                 path: p.display().to_string(),
                             });
                         }
                     }
-                    Some(TlsConfig::Rustls {
-                        capath: None,
-                        certpath: cert.display().to_string(),
-                        keypath: key.display().to_string(),
-                    })
-                }
-            };
-            let mut settings = ServerSettings {
-                name: format!("{:?}-{addr}", l.protocol).to_lowercase(),
-                listen: addr,
-                tls,
-                next_connection_delay_ms: 0,
-                connections: ConnectionSettings {
-                    connection_timeout_ms: 10_000,
-                    max_payload_size: b.max_payload_size.0 as usize,
-                    max_inflight_count: 100,
-                    auth: None,
-                    external_auth: None,
-                    dynamic_filters: true,
-                },
-            };
-            if !users.is_empty() {
-                let users = users.clone();
-                settings.set_auth_handler(move |client: String, user, pass| {
-                    let users = users.clone();
-                    async move {
-                        // rumqttd keeps every client id it has seen for the
-                        // life of the process; bound what a client can make
-                        // it keep.
-                        if client.len() > MAX_CLIENT_ID_LEN {
-                            tracing::warn!(
-                                len = client.len(),
-                                max = MAX_CLIENT_ID_LEN,
-                                "client id too long: refused"
-                            );
-                            return false;
+                    let acceptor = tls::acceptor(&cert, &key).map_err(|source| {
+                        BrokerError::Tls {
+                            addr: l.bind,
+                            source,
                         }
-                        users.check(user, pass).await
-                    }
-                });
+                    })?;
+                    let public = StdListener::bind(l.bind).map_err(|source| BrokerError::Bind {
+                        addr: l.bind,
+                        source,
+                    })?;
+                    let addr = public.local_addr().map_err(|source| BrokerError::Bind {
+                        addr: l.bind,
+                        source,
+                    })?;
+                    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+                    let inner =
+                        bind(settings(b, loopback, anonymous).proxy_protocol(true), l.protocol)?;
+                    listeners.push((addr, l.protocol));
+                    pending.push(Pending::Tls {
+                        id,
+                        public,
+                        acceptor,
+                        inner,
+                    });
+                }
             }
-            specs.push((l.protocol, settings));
-            listeners.push((addr, l.protocol));
         }
-        Ok(EmbeddedBroker {
-            links,
+        let retained_file = config.resolve(&config.gateway.data_dir).join("broker-retained.json");
+        let broker = EmbeddedBroker {
+            scx,
+            local,
+            gate,
             listeners,
-            servers: Arc::new(std::sync::Mutex::new(Vec::new())),
-            supervisor: std::sync::Mutex::new(None),
-            specs,
-            spawn_server,
-        })
+            pending: Mutex::new(pending),
+            tasks: Mutex::new(Vec::new()),
+            retained_file,
+            sys_interval: b.sys_interval,
+            started: Instant::now(),
+        };
+        broker.restore_retained().await;
+        Ok(broker)
     }
 
-    /// Opens every listener; returns once all listen. Then a supervisor
-    /// keeps them open (see `supervisor.rs`).
+    /// Starts serving every listener, and the `$SYS` topics.
     pub async fn open_listeners(&self) -> Result<(), BrokerError> {
-        let servers: Vec<JoinHandle<()>> = self
-            .specs
-            .iter()
-            .map(|(protocol, settings)| (self.spawn_server)(settings.clone(), *protocol))
-            .collect();
-        // All listeners start at once; waiting for them one after the other
-        // here costs the slowest, not the sum (start-to-ready, issue 8).
-        for ((addr, protocol), task) in self.listeners.iter().zip(&servers) {
-            if let Err(e) = wait_listening(*addr, task).await {
-                for s in &servers {
-                    s.abort();
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let mut server = MqttServer::new(self.scx.clone());
+        let mut tasks = Vec::new();
+        for p in pending {
+            match p {
+                Pending::Direct(id, l) => server = server.listener_by_id(l, id),
+                Pending::Tls {
+                    id,
+                    public,
+                    acceptor,
+                    inner,
+                } => {
+                    let inner_addr = inner
+                        .local_addr()
+                        .map_err(|e| BrokerError::Setup(e.to_string()))?;
+                    let addr = public.local_addr().map_err(|e| BrokerError::Setup(e.to_string()))?;
+                    public
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpListener::from_std(public))
+                        .map(|public| {
+                            tasks.push(tokio::spawn(tls::front(public, acceptor, inner_addr)))
+                        })
+                        .map_err(|source| BrokerError::Bind { addr, source })?;
+                    server = server.listener_by_id(inner, id);
                 }
-                return Err(e);
             }
-            let auth = self
-                .specs
-                .iter()
-                .any(|(_, s)| s.listen == *addr && s.connections.external_auth.is_some());
-            tracing::info!(%addr, ?protocol, auth, "listening");
         }
-        *self.servers.lock().unwrap_or_else(|e| e.into_inner()) = servers;
-        let supervisor = tokio::spawn(supervise(
-            self.servers.clone(),
-            self.specs.clone(),
-            self.spawn_server.clone(),
-        ));
-        *self.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(supervisor);
+        let server = server.build();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = server.run().await {
+                tracing::error!(error = %e, "the broker's listeners stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(sys::publish_every(
+            self.sys_source(),
+            self.sys_interval,
+        )));
+        for (addr, protocol) in &self.listeners {
+            tracing::info!(%addr, ?protocol, auth = !self.gate.policy().users.is_empty(), "listening");
+        }
+        lock(&self.tasks).extend(tasks);
         Ok(())
+    }
+
+    fn sys_source(&self) -> sys::Source {
+        sys::Source {
+            broker: self.publisher(),
+            scx: self.scx.clone(),
+            started: self.started,
+        }
     }
 
     /// The addresses actually listened on (port 0 resolved), in config order.
@@ -211,45 +281,110 @@ impl EmbeddedBroker {
         &self.listeners
     }
 
-    /// An in-process client link (no TCP, no auth).
-    pub fn link(&self, client_id: &str, clean: bool) -> Result<(LinkTx, LinkRx), BrokerError> {
-        (self.links)(client_id, clean)
-    }
-
-    /// Client connections open on the listeners right now. rumqttd does not
-    /// count them for us (its meters need its own `start()`), so this asks
-    /// the kernel's socket table.
+    /// Network clients connected right now (the gateway's own in-process
+    /// clients are not connections).
     pub fn connections(&self) -> usize {
-        let ports: Vec<u16> = self.listeners.iter().map(|(a, _)| a.port()).collect();
-        established_on(&ports)
+        usize::try_from(self.scx.connections.count()).unwrap_or(0)
     }
 
     /// Listeners whose server task has ended although nobody closed them.
     pub fn dead_listeners(&self) -> Vec<SocketAddr> {
-        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        servers
-            .iter()
-            .zip(&self.listeners)
-            .filter(|(s, _)| s.is_finished())
-            .map(|(_, (addr, _))| *addr)
-            .collect()
+        let tasks = lock(&self.tasks);
+        if tasks.iter().any(|t| t.is_finished()) {
+            self.listeners.iter().map(|(a, _)| *a).collect()
+        } else {
+            Vec::new()
+        }
     }
 
-    /// Closes every listener. Connected clients' tasks end with the runtime.
+    /// Puts the access policy of `config` (users, ACL) in force for every
+    /// later login, subscription and publish; connected clients stay.
+    pub fn reload_policy(&self, config: &Config) -> Result<(), BrokerError> {
+        self.gate.replace(Policy::from_config(config)?);
+        Ok(())
+    }
+
+    /// Closes every listener and keeps the retained messages for the next
+    /// start. Connected clients' tasks end with the runtime.
+    pub async fn shutdown(&self) {
+        self.close_listeners();
+        self.save_retained().await;
+    }
+
+    /// Closes every listener (no new connections).
     pub fn close_listeners(&self) {
-        if let Some(s) = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// A handle that publishes in-process as client `client_id`.
+    pub fn publisher_as(&self, client_id: &str) -> LocalPublisher {
+        LocalPublisher {
+            scx: self.scx.clone(),
+            id: Id::new(
+                self.scx.node.id(),
+                0,
+                None,
+                None,
+                client_id.into(),
+                None,
+            ),
+        }
+    }
+
+    fn publisher(&self) -> LocalPublisher {
+        self.publisher_as("edgebridge-publisher")
+    }
+
+    /// A new in-process client `client_id` subscribed to `filters`: the
+    /// retained messages matching them first, then everything published
+    /// on them by anyone else.
+    pub async fn subscribe(&self, client_id: &str, filters: &[String]) -> LocalSubscription {
+        // Retained messages go ahead of live ones, as a broker sends them
+        // right after the SUBACK; live ones wait in the channel meanwhile.
+        let (key, rx) = self.local.add(client_id, filters.to_vec());
+        let mut retained = std::collections::VecDeque::new();
         {
-            s.abort();
+            let store = self.scx.extends.retain().await;
+            for f in filters {
+                if let Ok(found) = store.get(&f.as_str().into()).await {
+                    retained.extend(found.into_iter().map(|(_, r)| {
+                        let mut m = local::to_message(&r.publish);
+                        m.retain = true;
+                        m
+                    }));
+                }
+            }
         }
-        // A poisoned lock only means a panic elsewhere; the handles are fine.
-        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        for s in servers.drain(..) {
-            s.abort();
+        LocalSubscription {
+            retained,
+            rx,
+            _guard: SubscriptionGuard {
+                key,
+                local: self.local.clone(),
+            },
         }
+    }
+
+    async fn restore_retained(&self) {
+        let publisher = self.publisher_as("edgebridge-retained");
+        for m in persist::load(&self.retained_file) {
+            publisher.publish(m).await;
+        }
+    }
+
+    async fn save_retained(&self) {
+        let all = {
+            let store = self.scx.extends.retain().await;
+            store.get(&"#".into()).await.unwrap_or_default()
+        };
+        let messages: Vec<Message> = all
+            .into_iter()
+            .filter(|(t, _)| !t.starts_with('$'))
+            .map(|(_, r)| local::to_message(&r.publish))
+            .collect();
+        persist::save(&self.retained_file, &messages);
     }
 }
 
@@ -259,93 +394,148 @@ impl Drop for EmbeddedBroker {
     }
 }
 
-fn router_config(b: &BrokerConfig) -> RouterConfig {
-    RouterConfig {
-        max_connections: b.max_connections,
-        max_outgoing_packet_count: 1024,
-        // Each filter with traffic keeps up to size x count bytes of
-        // topic + payload in memory even after delivery (see crates.md),
-        // and about five times that in real memory for small messages
-        // (the publish structs and their allocations): 4 x 1 MiB held
-        // ~20 MiB with 100 Modbus devices (BENCHMARKS.md). 4 x 256 KiB
-        // still lets a TCP subscriber lag ~15 000 small messages.
-        max_segment_size: 256 << 10,
-        max_segment_count: 4,
-        ..Default::default()
+/// Retained messages are kept in memory (rmqtt-retainer's `ram` store) and
+/// written to `data_dir` at shutdown (`persist.rs`); no count limit, the
+/// payload limit is the broker's own.
+const RETAINER_CONFIG: &str = r#"
+storage.type = "ram"
+max_retained_messages = 0
+max_payload_size = "16MB"
+"#;
+
+/// rmqtt's settings for one listener. Where rmqtt's default differs from
+/// what MQTT or Mosquitto does, the value is chosen here (README, "The
+/// embedded broker").
+fn settings(b: &BrokerConfig, addr: SocketAddr, anonymous: bool) -> Builder {
+    let max_packet = u32::try_from(b.max_payload_size.0)
+        .unwrap_or(u32::MAX - PACKET_OVERHEAD)
+        .saturating_add(PACKET_OVERHEAD);
+    Builder::new()
+        .name(format!("edgebridge/{addr}"))
+        .laddr(addr)
+        .nodelay(true)
+        .reuseaddr(Some(true))
+        .max_connections(b.max_connections)
+        .max_handshaking_limit(b.max_connections.max(1))
+        .max_packet_size(max_packet)
+        .allow_anonymous(anonymous)
+        // MQTT allows keep-alive 0 (no keep-alive); Paho's clients use it.
+        .allow_zero_keepalive(true)
+        .min_keepalive(0)
+        .max_keepalive(u16::MAX)
+        .max_inflight(NonZeroU16::new(INBOUND_WINDOW).unwrap_or(NonZeroU16::MIN))
+        .handshake_timeout(Duration::from_secs(10))
+        .max_mqueue_len(b.max_queued_messages)
+        .max_clientid_len(MAX_CLIENT_ID_LEN)
+        // A persistent session (clean session false, or an MQTT 5 session
+        // expiry) outlives its connection; 3.1.1 clients cannot say for how
+        // long, so `session_expiry` says it.
+        .session_expiry_interval(b.session_expiry)
+        .max_session_expiry_interval(Duration::ZERO)
+        // No message expiry that the publisher did not ask for.
+        .message_expiry_interval(Duration::ZERO)
+        // Mosquitto's max_topic_alias default.
+        .max_topic_aliases(10)
+}
+
+fn bind(settings: Builder, protocol: ListenerProtocol) -> Result<Listener, BrokerError> {
+    let addr = settings.laddr;
+    let listener = settings.bind().map_err(|e| BrokerError::Listener {
+        addr,
+        reason: format!("cannot listen: {e}"),
+    })?;
+    match protocol {
+        ListenerProtocol::Mqtt | ListenerProtocol::Mqtt5 => listener.tcp(),
+        ListenerProtocol::Ws => listener.ws(),
     }
-}
-
-/// Binds once to find a busy port early (with a clear error) and to turn
-/// port 0 into a concrete free port that rumqttd then binds.
-fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    let l = StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-    l.local_addr()
-        .map_err(|source| BrokerError::Bind { addr, source })
-}
-
-/// rumqttd gives no readiness signal, and probing by binding or connecting
-/// would race with it or open a connection; the kernel's socket table
-/// tells without side effects when the port is in LISTEN state.
-async fn wait_listening(addr: SocketAddr, task: &JoinHandle<()>) -> Result<(), BrokerError> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // A server task just spawned from this worker waits in its queue
-        // behind us: let it bind before reading the (slow) socket table.
-        tokio::task::yield_now().await;
-        if task.is_finished() {
-            return Err(BrokerError::Listener {
-                addr,
-                reason: "see the log line above".into(),
-            });
-        }
-        if is_listening(addr) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(BrokerError::Listener {
-                addr,
-                reason: "did not start listening within 5s".into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Established TCP connections whose local port is one of `ports`
-/// (Linux `/proc/net/tcp{,6}`): the clients of the embedded broker.
-fn established_on(ports: &[u16]) -> usize {
-    const ESTABLISHED: &str = "01";
-    let suffixes: Vec<String> = ports.iter().map(|p| format!(":{p:04X}")).collect();
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .filter(|line| {
-                    let mut cols = line.split_whitespace();
-                    let local = cols.nth(1).unwrap_or_default();
-                    let state = cols.nth(1).unwrap_or_default();
-                    state == ESTABLISHED && suffixes.iter().any(|s| local.ends_with(s.as_str()))
-                })
-                .count()
-        })
-        .sum()
-}
-
-/// Is some socket listening on `addr`'s port? (Linux `/proc/net/tcp{,6}`.)
-fn is_listening(addr: SocketAddr) -> bool {
-    const LISTEN: &str = "0A";
-    let port = format!(":{:04X}", addr.port());
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).is_ok_and(|table| {
-            table.lines().skip(1).any(|line| {
-                let mut cols = line.split_whitespace();
-                let local = cols.nth(1).unwrap_or_default();
-                let state = cols.nth(1).unwrap_or_default();
-                local.ends_with(&port) && state == LISTEN
-            })
-        })
+    .map_err(|e| BrokerError::Listener {
+        addr,
+        reason: e.to_string(),
     })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the data is whole.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Publishes into the broker in-process, as one client id (so that its
+/// own in-process subscription does not get its publishes back).
+#[derive(Clone)]
+pub struct LocalPublisher {
+    scx: ServerContext,
+    id: Id,
+}
+
+impl LocalPublisher {
+    /// Routes `msg` to every subscriber (network and in-process), stores
+    /// or clears it as retained. Waits while an in-process subscriber is
+    /// full (see `local.rs`).
+    pub async fn publish(&self, msg: Message) {
+        let publish = Publish {
+            inner: Box::new(CodecPublish {
+                dup: false,
+                retain: msg.retain,
+                qos: qos(msg.qos),
+                topic: msg.topic.into(),
+                packet_id: None,
+                payload: msg.payload,
+                properties: None,
+            }),
+            target_clientid: None,
+            delay_interval: None,
+            create_time: Some(rmqtt::utils::timestamp_millis()),
+        };
+        let from = Origin::from_custom(self.id.clone());
+        if let Err(e) = SessionState::forwards(&self.scx, from, publish, false, None).await {
+            tracing::warn!(error = %e, "the broker did not take an in-process publish");
+        }
+    }
+}
+
+fn qos(q: Qos) -> rmqtt::codec::types::QoS {
+    use rmqtt::codec::types::QoS;
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+/// The receiving side of an in-process client.
+pub struct LocalSubscription {
+    /// Retained messages found when subscribing, delivered first.
+    retained: std::collections::VecDeque<Message>,
+    rx: mpsc::Receiver<Message>,
+    _guard: SubscriptionGuard,
+}
+
+impl LocalSubscription {
+    /// The next message; `None` once the broker is gone.
+    pub async fn recv(&mut self) -> Option<Message> {
+        match self.retained.pop_front() {
+            Some(m) => Some(m),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// [`LocalSubscription::recv`] for a thread outside the runtime.
+    pub fn blocking_recv(&mut self) -> Option<Message> {
+        match self.retained.pop_front() {
+            Some(m) => Some(m),
+            None => self.rx.blocking_recv(),
+        }
+    }
+}
+
+/// Unregisters the subscriber when the subscription is dropped.
+struct SubscriptionGuard {
+    key: u64,
+    local: Arc<local::LocalClients>,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.local.remove(self.key);
+    }
 }

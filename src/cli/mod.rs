@@ -99,7 +99,7 @@ pub fn main() -> ExitCode {
     init_logging(if quiet {
         "warn"
     } else {
-        "info,rumqttd=warn,rumqttd::router=off"
+        "info,rmqtt=warn,rmqtt_net=warn,rmqtt_retainer=warn"
     });
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
@@ -137,11 +137,10 @@ fn init_logging(default: &str) {
     } else {
         fmt.with_ansi(tty).boxed()
     };
-    // The broker's watch has a filter of its own: it must see rumqttd's
-    // errors whatever EDGEBRIDGE_LOG says.
+    // `init` also routes the `log` records of the broker library (rmqtt
+    // logs through `log`, not `tracing`) into the same filter and format.
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
-        .with(crate::broker::watch_layer())
         .init();
 }
 

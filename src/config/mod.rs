@@ -97,6 +97,23 @@ pub struct BrokerConfig {
     /// Connections beyond this are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// QoS 1 and 2 messages kept for one client that is offline (a
+    /// persistent session) or slower than its publishers; past this the
+    /// oldest are dropped and counted (`edgebridge_broker_dropped_total`).
+    /// Mosquitto's `max_queued_messages`.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_messages: usize,
+    /// How long a persistent session (MQTT 3.1.1 clean session false) is
+    /// kept after its client went away; MQTT 5 clients say it themselves.
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// The longest keep-alive granted to an MQTT 5 client; one asking for
+    /// more is told this (Server Keep Alive). MQTT 3.1.1 clients keep theirs.
+    #[serde(default = "default_max_keep_alive", with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// How often the `$SYS/broker/...` topics are published.
+    #[serde(default = "default_sys_interval", with = "humantime_serde")]
+    pub sys_interval: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -110,6 +127,10 @@ impl Default for BrokerConfig {
             users: Vec::new(),
             max_payload_size: default_max_payload(),
             max_connections: default_max_connections(),
+            max_queued_messages: default_max_queued(),
+            session_expiry: default_session_expiry(),
+            max_keep_alive: default_max_keep_alive(),
+            sys_interval: default_sys_interval(),
         }
     }
 }
@@ -126,14 +147,31 @@ fn default_max_connections() -> usize {
     1000
 }
 
+fn default_max_queued() -> usize {
+    1000
+}
+
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_max_keep_alive() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_sys_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
-    /// MQTT 3.1.1.
+    /// MQTT 3.1, 3.1.1 and 5 on one port, as Mosquitto serves them.
     Mqtt,
-    /// MQTT 5.
+    /// The same as `mqtt` (a listener serves every version); kept so that
+    /// old configs load, with a deprecation note from `check`.
     Mqtt5,
-    /// MQTT 3.1.1 over WebSocket.
+    /// MQTT 3.1, 3.1.1 and 5 over WebSocket.
     Ws,
 }
 

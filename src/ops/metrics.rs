@@ -78,9 +78,17 @@ pub mod names {
     pub const BRIDGE_REDELIVERED: &str = "edgebridge_bridge_redelivered_total";
     /// Config reloads (SIGHUP), by `result` (`ok` / `error`).
     pub const RELOADS: &str = "edgebridge_config_reloads_total";
-    /// Times the embedded broker's listeners were restarted after a
-    /// connection task panicked inside rumqttd (see README, Troubleshooting).
-    pub const BROKER_LISTENER_RESTARTS: &str = "edgebridge_broker_listener_restarts_total";
+    /// Logins the embedded broker refused (bad or missing credentials).
+    pub const BROKER_LOGINS_REFUSED: &str = "edgebridge_broker_logins_refused_total";
+    /// Subscriptions and publishes the broker's ACL denied, by `action`
+    /// (`subscribe` / `publish`).
+    pub const BROKER_ACL_DENIED: &str = "edgebridge_broker_acl_denied_total";
+    /// Messages the broker dropped for a client (offline queue full,
+    /// expired, refused by the client), by `reason`.
+    pub const BROKER_DROPPED: &str = "edgebridge_broker_dropped_total";
+    /// Messages dropped for an in-process subscriber (a bridge, the rules)
+    /// that took nothing for 5 s.
+    pub const BUS_DROPPED: &str = "edgebridge_bus_dropped_total";
     /// Always 1; the `version` label carries the build's version.
     pub const BUILD_INFO: &str = "edgebridge_build_info";
 }
@@ -211,8 +219,20 @@ fn describe() {
     c!(BRIDGE_REDELIVERED, "Messages sent again after a reconnect.");
     c!(RELOADS, "Config reloads, by result.");
     c!(
-        BROKER_LISTENER_RESTARTS,
-        "Restarts of the broker's listeners after a panic inside rumqttd."
+        BROKER_LOGINS_REFUSED,
+        "Logins the embedded broker refused."
+    );
+    c!(
+        BROKER_ACL_DENIED,
+        "Subscriptions and publishes denied by the broker's ACL, by action."
+    );
+    c!(
+        BROKER_DROPPED,
+        "Messages the broker dropped for a client, by reason."
+    );
+    c!(
+        BUS_DROPPED,
+        "Messages dropped for a stalled in-process subscriber."
     );
     g!(BUILD_INFO, "Always 1; the version label tells the build.");
 }
@@ -383,9 +403,31 @@ pub fn reload(ok: bool) {
     counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
 }
 
-pub fn broker_listener_restart() {
+pub fn broker_login_refused() {
     if !enabled() {
         return;
     }
-    counter!(BROKER_LISTENER_RESTARTS).increment(1);
+    counter!(BROKER_LOGINS_REFUSED).increment(1);
+}
+
+/// `action`: `subscribe` or `publish`.
+pub fn broker_acl_denied(action: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!(BROKER_ACL_DENIED, "action" => action).increment(1);
+}
+
+pub fn broker_dropped(reason: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!(BROKER_DROPPED, "reason" => reason).increment(1);
+}
+
+pub fn bus_dropped() {
+    if !enabled() {
+        return;
+    }
+    counter!(BUS_DROPPED).increment(1);
 }

@@ -1,0 +1,271 @@
+//! The gateway's own clients of the embedded broker: in-process, no TCP.
+//!
+//! rmqtt has no in-process subscriber (its sessions are network
+//! connections), only a place where every routed message passes: the
+//! `Shared` extension's `forwards`, called once per message whoever
+//! published it (a LAN client, a will, the gateway itself). [`Tap`] wraps
+//! rmqtt's own `DefaultShared` there: it hands the message to every
+//! matching in-process subscriber, then lets rmqtt route it to the network
+//! sessions as before.
+//!
+//! Delivery to an in-process subscriber is a bounded channel, and the
+//! publisher *waits* when it is full: a LAN client that publishes faster
+//! than a bridge can take is slowed down (its session waits, TCP pushes
+//! back), as Mosquitto does, instead of losing messages. A subscriber that
+//! takes nothing for [`STALL_LIMIT`] (a stuck consumer, or two in-process
+//! clients waiting on each other) gets that one message dropped, counted
+//! in `edgebridge_bus_dropped_total` and logged: never silently.
+//!
+//! In-process subscribers get every message whatever its QoS (nothing is
+//! lost between two parts of one process), retained messages matching
+//! their filters when they subscribe, and never their own publishes
+//! (MQTT 5 no-local), which is what the bridge loop guard needs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rmqtt::context::ServerContext;
+use rmqtt::session::Session;
+use rmqtt::shared::{DefaultShared, Entry, Shared};
+use rmqtt::types::{
+    ForwardedCount, ForwardedRecipients, From, MsgID, Publish, Reason, SessionStatus,
+    SubRelations, SubRelationsMap, SubsSearchParams, SubsSearchResult, To,
+};
+use tokio::sync::mpsc;
+
+use crate::model::{Message, Qos};
+
+/// Messages waiting for one in-process subscriber before publishers wait.
+pub const SUBSCRIBER_QUEUE: usize = 16 * 1024;
+
+/// How long a publisher waits for a full in-process subscriber before that
+/// message is dropped for it (and counted).
+pub const STALL_LIMIT: Duration = Duration::from_secs(5);
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// Messages dropped for an in-process subscriber that stalled.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Messages routed by the broker (every publish, from any client).
+pub fn routed() -> u64 {
+    RECEIVED.load(Ordering::Relaxed)
+}
+
+struct Subscriber {
+    key: u64,
+    client_id: String,
+    filters: Vec<String>,
+    tx: mpsc::Sender<Message>,
+}
+
+/// The registry of in-process subscribers; shared by the broker and [`Tap`].
+#[derive(Default)]
+pub struct LocalClients {
+    subs: RwLock<Vec<Arc<Subscriber>>>,
+    next: AtomicU64,
+}
+
+impl LocalClients {
+    /// Registers `client_id` for `filters`; messages arrive on the receiver
+    /// until [`LocalClients::remove`] is called with the returned key.
+    pub fn add(&self, client_id: &str, filters: Vec<String>) -> (u64, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let sub = Arc::new(Subscriber {
+            key,
+            client_id: client_id.to_string(),
+            filters,
+            tx,
+        });
+        self.write().push(sub);
+        (key, rx)
+    }
+
+    pub fn remove(&self, key: u64) {
+        self.write().retain(|s| s.key != key);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Subscriber>>> {
+        // A poisoned lock means a panic while pushing to a Vec: the Vec is
+        // still whole.
+        self.subs.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The subscribers `topic` goes to, `from` (a client id) excluded.
+    fn matching(&self, from: &str, topic: &str) -> Vec<Arc<Subscriber>> {
+        let subs = self.subs.read().unwrap_or_else(|e| e.into_inner());
+        subs.iter()
+            .filter(|s| s.client_id != from)
+            .filter(|s| s.filters.iter().any(|f| crate::topic::matches(f, topic)))
+            .cloned()
+            .collect()
+    }
+
+    /// Hands `msg` to every matching subscriber, waiting while one is full
+    /// (see the module docs).
+    pub async fn deliver(&self, from: &str, msg: &Message) {
+        for sub in self.matching(from, &msg.topic) {
+            let sent = match sub.tx.try_send(msg.clone()) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => continue,
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    tokio::time::timeout(STALL_LIMIT, sub.tx.send(m)).await
+                }
+            };
+            if sent.is_err() {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+                crate::ops::metrics::bus_dropped();
+                tracing::warn!(
+                    subscriber = %sub.client_id,
+                    topic = %msg.topic,
+                    "an in-process subscriber took nothing for {}s: message dropped for it",
+                    STALL_LIMIT.as_secs()
+                );
+            }
+        }
+    }
+}
+
+/// rmqtt's publish as our [`Message`].
+pub fn to_message(p: &Publish) -> Message {
+    Message {
+        topic: p.topic.to_string(),
+        payload: p.payload.clone(),
+        qos: Qos::from_u8(p.qos as u8).unwrap_or_default(),
+        retain: p.retain,
+    }
+}
+
+/// rmqtt's routing with the in-process subscribers in front (module docs).
+pub struct Tap {
+    inner: DefaultShared,
+    local: Arc<LocalClients>,
+}
+
+impl Tap {
+    pub fn new(scx: &ServerContext, local: Arc<LocalClients>) -> Tap {
+        Tap {
+            inner: DefaultShared::new(Some(scx.clone())),
+            local,
+        }
+    }
+}
+
+#[async_trait]
+impl Shared for Tap {
+    fn entry(&self, id: rmqtt::types::Id) -> Box<dyn Entry> {
+        self.inner.entry(id)
+    }
+
+    fn exist(&self, client_id: &str) -> bool {
+        self.inner.exist(client_id)
+    }
+
+    async fn forwards(
+        &self,
+        msg_id: Option<MsgID>,
+        from: From,
+        publish: Publish,
+    ) -> Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)> {
+        RECEIVED.fetch_add(1, Ordering::Relaxed);
+        // `$SYS/...` is the broker's own chatter; no gateway part wants it.
+        if !publish.topic.starts_with('$') {
+            self.local
+                .deliver(&from.id.client_id, &to_message(&publish))
+                .await;
+        }
+        self.inner.forwards(msg_id, from, publish).await
+    }
+
+    async fn forwards_and_get_shareds(
+        &self,
+        from: From,
+        publish: Publish,
+    ) -> Result<
+        (SubRelationsMap, ForwardedRecipients),
+        (ForwardedRecipients, Vec<(To, From, Publish, Reason)>),
+    > {
+        self.inner.forwards_and_get_shareds(from, publish).await
+    }
+
+    async fn forwards_to(
+        &self,
+        from: From,
+        publish: &Publish,
+        relations: SubRelations,
+        msg_id: Option<MsgID>,
+    ) -> Result<ForwardedRecipients, (ForwardedRecipients, Vec<(To, From, Publish, Reason)>)> {
+        self.inner
+            .forwards_to(from, publish, relations, msg_id)
+            .await
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = Box<dyn Entry>> + Sync + Send + '_> {
+        self.inner.iter()
+    }
+
+    fn random_session(&self) -> Option<Session> {
+        self.inner.random_session()
+    }
+
+    async fn session_status(&self, client_id: &str) -> Option<SessionStatus> {
+        self.inner.session_status(client_id).await
+    }
+
+    async fn client_states_count(&self) -> usize {
+        self.inner.client_states_count().await
+    }
+
+    fn sessions_count(&self) -> usize {
+        self.inner.sessions_count()
+    }
+
+    async fn query_subscriptions(&self, q: &SubsSearchParams) -> Vec<SubsSearchResult> {
+        self.inner.query_subscriptions(q).await
+    }
+
+    async fn subscriptions_count(&self) -> usize {
+        self.inner.subscriptions_count().await
+    }
+
+    async fn retain_load_with(
+        &self,
+        topic_filter: &rmqtt::types::TopicFilter,
+        cb: Arc<dyn rmqtt::shared::RetainLoadCallback>,
+    ) -> rmqtt::Result<Vec<(rmqtt::types::NodeId, MsgID)>> {
+        self.inner.retain_load_with(topic_filter, cb).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn delivers_to_matching_subscribers_but_not_to_the_publisher() {
+        let local = LocalClients::default();
+        let (_, mut a) = local.add("edgebridge-a", vec!["PV/#".into()]);
+        let (_, mut b) = local.add("edgebridge-b", vec!["cmd/+".into()]);
+        local.deliver("lan-client", &Message::new("PV/data", "1")).await;
+        local.deliver("edgebridge-a", &Message::new("PV/x", "own")).await;
+        local.deliver("lan-client", &Message::new("cmd/led", "on")).await;
+        assert_eq!(a.recv().await.unwrap().payload, "1");
+        assert!(a.try_recv().is_err(), "no-local: a got its own publish");
+        assert_eq!(b.recv().await.unwrap().topic, "cmd/led");
+    }
+
+    #[tokio::test]
+    async fn a_removed_subscriber_gets_nothing_more() {
+        let local = LocalClients::default();
+        let (key, mut a) = local.add("edgebridge-a", vec!["#".into()]);
+        local.remove(key);
+        local.deliver("x", &Message::new("t", "1")).await;
+        assert!(a.recv().await.is_none());
+    }
+}
