@@ -42,6 +42,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     broker(config, &mut p);
+    acl(config, &mut p);
     devices(config, &mut p);
     driver_settings(config, &mut p);
     mappings(config, &mut p);
@@ -101,12 +102,13 @@ fn broker(config: &Config, p: &mut Problems) {
                 format!("port {} is used by another listener", l.bind.port()),
             );
         }
-        if !l.bind.ip().is_loopback() && b.users.is_empty() {
+        if !l.bind.ip().is_loopback() && b.users.is_empty() && b.password_file.is_none() {
             p.add(
                 path,
                 format!(
                     "listener on {} is reachable beyond this machine, so `broker.users` must list \
-                     at least one user (create a hash with `edgebridge passwd <user>`), \
+                     at least one user (create a hash with `edgebridge passwd <user>`) \
+                     or `broker.password_file` name a Mosquitto password file, \
                      or bind it to 127.0.0.1",
                     l.bind
                 ),
@@ -125,6 +127,65 @@ fn broker(config: &Config, p: &mut Problems) {
             );
         }
     }
+}
+
+/// `broker.acl`: each entry is a `topic` (optionally for a `user`) or a
+/// `pattern` (for everyone), with a valid filter. The files are read by
+/// `crate::access` (at start, on SIGHUP and by `edgebridge check`).
+fn acl(config: &Config, p: &mut Problems) {
+    for (i, r) in config.broker.acl.iter().enumerate() {
+        let at = format!("broker.acl[{i}]");
+        let filter = match (&r.topic, &r.pattern) {
+            (Some(t), None) => t,
+            (None, Some(pat)) => {
+                if r.user.is_some() {
+                    p.add(
+                        format!("{at}.user"),
+                        "a `pattern` applies to every client; use `topic` for one user's rule",
+                    );
+                }
+                pat
+            }
+            _ => {
+                p.add(at, "needs exactly one of `topic` or `pattern`");
+                continue;
+            }
+        };
+        let key = if r.topic.is_some() {
+            "topic"
+        } else {
+            "pattern"
+        };
+        if let Err(e) = crate::topic::check_filter(filter) {
+            p.add(format!("{at}.{key}"), e);
+        }
+        if r.user.as_deref() == Some("") {
+            p.add(format!("{at}.user"), "an empty username matches nobody");
+        }
+    }
+}
+
+/// Things that load but deserve a second look, printed by `edgebridge
+/// check`; a config with warnings still runs.
+pub fn warnings(config: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    let b = &config.broker;
+    if b.enabled && b.acl.is_empty() && b.acl_file.is_none() {
+        for (i, l) in b.listeners.iter().enumerate() {
+            if !l.bind.ip().is_loopback() {
+                p.add(
+                    format!("broker.listeners[{i}].bind"),
+                    format!(
+                        "listener on {} is reachable beyond this machine and there is no \
+                         `broker.acl` or `broker.acl_file`: every user who logs in may publish \
+                         and subscribe to every topic",
+                        l.bind
+                    ),
+                );
+            }
+        }
+    }
+    p.0
 }
 
 fn devices(config: &Config, p: &mut Problems) {
