@@ -29,6 +29,7 @@
 //! `$share/…`; a SUBSCRIBE to `$share/<group>/<filter>` is checked as
 //! `<filter>`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -203,8 +204,8 @@ impl Acl {
     /// May this client do `access` on `topic` (a topic name for `Read` and
     /// `Write`, a filter for `Subscribe`)? `username` is `None` for a client
     /// that logged in without one.
-    pub fn check(
-        &self,
+    pub fn check<'a>(
+        &'a self,
         username: Option<&str>,
         client_id: &str,
         topic: &str,
@@ -236,7 +237,7 @@ impl Acl {
             None => Some(&rules.anonymous),
         };
         if let Some(list) = own {
-            match decide(list, topic, access, |f| f.to_string()) {
+            match decide(list, topic, access, |f| Some(Cow::Borrowed(f))) {
                 Decision::Allow => return true,
                 Decision::Deny => return false,
                 Decision::Undecided => {}
@@ -254,39 +255,60 @@ impl Acl {
             );
             return false;
         }
-        let patterns = RuleList(
-            rules
-                .patterns
-                .0
-                .iter()
-                .filter(|r| username.is_some() || !r.filter.contains("%u"))
-                .cloned()
-                .collect(),
-        );
-        let substitute = |f: &str| {
-            let f = f.replace("%c", client_id);
-            match username {
-                Some(u) => f.replace("%u", u),
-                None => f,
+        let substitute = |f: &'a str| -> Option<Cow<'a, str>> {
+            if !f.contains('%') {
+                return Some(Cow::Borrowed(f));
             }
+            // A `%u` pattern does not apply to a client without one.
+            if username.is_none() && f.contains("%u") {
+                return None;
+            }
+            Some(Cow::Owned(substitute_ids(f, client_id, username)))
         };
         matches!(
-            decide(&patterns, topic, access, substitute),
+            decide(&rules.patterns, topic, access, substitute),
             Decision::Allow
         )
     }
 }
 
+/// `%c` -> client id, `%u` -> username, in one pass, so that an id
+/// containing `%u` is not substituted again.
+fn substitute_ids(pattern: &str, client_id: &str, username: Option<&str>) -> String {
+    let mut out = String::with_capacity(pattern.len() + client_id.len());
+    let mut rest = pattern;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        match (tail.get(..2), username) {
+            (Some("%c"), _) => out.push_str(client_id),
+            (Some("%u"), Some(u)) => out.push_str(u),
+            _ => {
+                out.push('%');
+                rest = &tail[1..];
+                continue;
+            }
+        }
+        rest = &tail[2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Walks one list (deny rules first) and stops at the first rule that
-/// decides, as Mosquitto does.
-fn decide(
-    list: &RuleList,
+/// decides, as Mosquitto does. `filter_of` gives a rule's filter for this
+/// client (patterns: substituted), `None` to skip the rule. Runs on every
+/// delivery, so filters without `%` are borrowed, not copied.
+fn decide<'r>(
+    list: &'r RuleList,
     topic: &str,
     access: Access,
-    filter_of: impl Fn(&str) -> String,
+    filter_of: impl Fn(&'r str) -> Option<Cow<'r, str>>,
 ) -> Decision {
     for rule in &list.0 {
-        let filter = filter_of(&rule.filter);
+        let Some(filter) = filter_of(&rule.filter) else {
+            continue;
+        };
         let hit = match access {
             Access::Subscribe => topic::within(topic, &filter),
             Access::Read | Access::Write => topic::matches(&filter, topic),
@@ -361,9 +383,11 @@ fn parse_acl_file(rules: &mut Rules, path: &Path, text: &str) -> Result<(), AclE
                             "write" => AclAccess::Write,
                             "readwrite" => AclAccess::Readwrite,
                             "deny" => AclAccess::Deny,
-                            other => return Err(err(format!(
+                            other => {
+                                return Err(err(format!(
                                 "unknown access `{other}`: expected read, write, readwrite or deny"
-                            ))),
+                            )))
+                            }
                         };
                         (Grant::from(access), filter)
                     }
@@ -492,6 +516,15 @@ mod tests {
                 (Some("a"), "c1", "u/a", Write, true),
             ],
         );
+    }
+
+    #[test]
+    fn substitution_is_one_pass() {
+        assert_eq!(substitute_ids("c/%c/u/%u", "%u", Some("bob")), "c/%u/u/bob");
+        assert_eq!(substitute_ids("%c%", "x", None), "x%");
+        assert_eq!(substitute_ids("a/%x/%c", "é", None), "a/%x/é");
+        let acl = yaml(r##"[{ pattern: "clients/%c/#", access: readwrite }]"##);
+        assert!(!acl.check(Some("bob"), "%u", "clients/bob/x", Write));
     }
 
     #[test]

@@ -14,18 +14,25 @@
 //! seconds. Waiting checks are served round-robin by peer (IP address), at
 //! most [`MAX_WAITING_PER_PEER`] each, so one host flooding the broker
 //! waits behind itself; and at most [`MAX_WAITING`] wait in all, so any
-//! login is answered within about `MAX_WAITING / WORKERS` checks (~0.2 s).
-//! A login beyond those bounds is refused at once as "server busy"
-//! ([`super::Login::Busy`]); MQTT clients retry.
+//! login is answered within about `MAX_WAITING / WORKERS` checks (~0.15 s
+//! at ~17 ms per check). A login beyond those bounds is refused at once as
+//! "server busy" ([`super::Login::Busy`]); MQTT clients retry.
+//!
+//! Addresses that have logged in successfully before (the chargers and
+//! meters of the site, up to [`KNOWN_PEERS`]) have a lane of their own,
+//! served first with the same bounds: a flood from many strangers fills
+//! the other lane and cannot lock them out. A first-time client during
+//! such a flood is answered busy until it subsides.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 /// Threads checking passwords (one per core on a 2-core gateway).
 pub const WORKERS: usize = 2;
 /// Checks waiting in all before a login is refused as busy.
-pub const MAX_WAITING: usize = 32;
+pub const MAX_WAITING: usize = 16;
 /// Checks one peer may have waiting before its next login is refused as
 /// busy.
 pub const MAX_WAITING_PER_PEER: usize = 4;
@@ -56,17 +63,33 @@ impl Default for Limits {
     }
 }
 
+/// Waiting jobs of one class of peers, served round-robin by peer.
 #[derive(Default)]
-struct Queue {
+struct Lane {
     /// Waiting jobs per peer (`None`: the caller did not know the peer).
     by_peer: HashMap<Option<IpAddr>, VecDeque<Job>>,
     /// Peers with waiting jobs, in serving order.
     turn: VecDeque<Option<IpAddr>>,
     waiting: usize,
-    closed: bool,
 }
 
-impl Queue {
+impl Lane {
+    fn push(&mut self, peer: Option<IpAddr>, job: Job, limits: &Limits) -> Result<(), Busy> {
+        let mine = self.by_peer.get(&peer).map_or(0, VecDeque::len);
+        // Checks from unknown peers share the global bound only: lumping
+        // them under one peer's bound would refuse ordinary concurrency.
+        let peer_full = peer.is_some() && mine >= limits.max_waiting_per_peer;
+        if self.waiting >= limits.max_waiting || peer_full {
+            return Err(Busy);
+        }
+        if mine == 0 {
+            self.turn.push_back(peer);
+        }
+        self.by_peer.entry(peer).or_default().push_back(job);
+        self.waiting += 1;
+        Ok(())
+    }
+
     /// The next job, round-robin over peers.
     fn pop(&mut self) -> Option<Job> {
         let peer = self.turn.pop_front()?;
@@ -81,6 +104,46 @@ impl Queue {
             self.waiting -= 1;
         }
         job
+    }
+}
+
+/// Addresses that logged in successfully before, at most [`KNOWN_PEERS`]
+/// (the oldest success is forgotten first).
+#[derive(Default)]
+struct KnownPeers(HashMap<IpAddr, Instant>);
+
+/// How many known-good addresses are remembered (a gateway's LAN has tens
+/// of clients; the bound keeps memory flat whatever happens).
+pub const KNOWN_PEERS: usize = 1024;
+
+impl KnownPeers {
+    fn remember(&mut self, peer: IpAddr) {
+        if self.0.len() >= KNOWN_PEERS && !self.0.contains_key(&peer) {
+            if let Some(oldest) = self.0.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p) {
+                self.0.remove(&oldest);
+            }
+        }
+        self.0.insert(peer, Instant::now());
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Peers that logged in successfully before: served first, and not
+    /// refused because strangers filled the other lane.
+    known: Lane,
+    others: Lane,
+    known_peers: KnownPeers,
+    closed: bool,
+}
+
+impl Queue {
+    fn pop(&mut self) -> Option<Job> {
+        self.known.pop().or_else(|| self.others.pop())
+    }
+
+    fn waiting(&self) -> usize {
+        self.known.waiting + self.others.waiting
     }
 }
 
@@ -139,26 +202,28 @@ impl CheckPool {
     pub fn submit(&self, peer: Option<IpAddr>, job: Job) -> Result<(), Busy> {
         let limits = self.shared.limits;
         let mut q = lock(&self.shared.queue);
-        let mine = q.by_peer.get(&peer).map_or(0, VecDeque::len);
-        // Checks from unknown peers share the global bound only: lumping
-        // them under one peer's bound would refuse ordinary concurrency.
-        let peer_full = peer.is_some() && mine >= limits.max_waiting_per_peer;
-        if q.closed || q.waiting >= limits.max_waiting || peer_full {
+        if q.closed {
             return Err(Busy);
         }
-        if mine == 0 {
-            q.turn.push_back(peer);
+        let known = peer.is_some_and(|p| q.known_peers.0.contains_key(&p));
+        if known {
+            q.known.push(peer, job, &limits)?;
+        } else {
+            q.others.push(peer, job, &limits)?;
         }
-        q.by_peer.entry(peer).or_default().push_back(job);
-        q.waiting += 1;
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
     }
 
+    /// Notes that `peer` logged in: its next checks go to the front lane.
+    pub fn remember(&self, peer: IpAddr) {
+        lock(&self.shared.queue).known_peers.remember(peer);
+    }
+
     /// Checks waiting (not yet running).
     pub fn waiting(&self) -> usize {
-        lock(&self.shared.queue).waiting
+        lock(&self.shared.queue).waiting()
     }
 }
 
@@ -262,6 +327,52 @@ mod tests {
             .map(|_| done_rx.recv_timeout(Duration::from_secs(5)).unwrap())
             .collect();
         assert_eq!(order, ["a1", "b1", "c1", "a2", "b2", "a3"]);
+    }
+
+    #[test]
+    fn known_peers_are_served_first_and_not_locked_out() {
+        let pool = CheckPool::start(Limits {
+            workers: 1,
+            max_waiting: 2,
+            max_waiting_per_peer: 2,
+        })
+        .unwrap();
+        pool.remember(IpAddr::from([192, 168, 1, 50]));
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        pool.submit(
+            ip(9),
+            Box::new(move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            }),
+        )
+        .unwrap();
+        started_rx.recv().unwrap();
+        let (done_tx, done_rx) = mpsc::channel::<&'static str>();
+        let job = |name: &'static str| -> Job {
+            let tx = done_tx.clone();
+            Box::new(move || tx.send(name).unwrap())
+        };
+        pool.submit(ip(1), job("stranger1")).unwrap();
+        pool.submit(ip(2), job("stranger2")).unwrap();
+        assert_eq!(pool.submit(ip(3), job("stranger3")), Err(Busy));
+        pool.submit(Some(IpAddr::from([192, 168, 1, 50])), job("known"))
+            .unwrap();
+        release_tx.send(()).unwrap();
+        let order: Vec<_> = (0..3)
+            .map(|_| done_rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        assert_eq!(order, ["known", "stranger1", "stranger2"]);
+    }
+
+    #[test]
+    fn known_peers_are_bounded() {
+        let mut k = KnownPeers::default();
+        for i in 0..(KNOWN_PEERS + 10) as u32 {
+            k.remember(IpAddr::from(i.to_be_bytes()));
+        }
+        assert_eq!(k.0.len(), KNOWN_PEERS);
     }
 
     #[test]

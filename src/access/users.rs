@@ -289,7 +289,12 @@ impl Users {
             return Login::Busy;
         }
         match rx.await {
-            Ok(true) => Login::Accepted,
+            Ok(true) => {
+                if let Some(p) = peer {
+                    self.pool.remember(p);
+                }
+                Login::Accepted
+            }
             Ok(false) => Login::Refused,
             // The pool was shut down with the job unrun.
             Err(_) => Login::Busy,
