@@ -4,20 +4,22 @@
 /// `mmap`, and give it back with `munmap` when freed. Call once at start,
 /// before the threads.
 ///
-/// Why: an argon2 password check allocates its whole memory cost (8 MiB
-/// here, 19 MiB at argon2's default) in one block. glibc starts by mmapping
-/// blocks above 128 KiB, but on the first free of such a block it raises
-/// its threshold to that size (the "dynamic mmap threshold", up to 32 MiB),
-/// so every later check's block comes from a heap arena instead — and a
-/// freed arena chunk stays in RSS. With a thread per check on tokio's
-/// blocking pool, each thread's arena kept one: RSS grew ~19.5 MB per
-/// login. Setting `M_MMAP_THRESHOLD` explicitly turns the dynamic
-/// adjustment off (and with it the dynamic trim threshold), so the block
-/// goes back to the kernel at each free; an mmap + munmap of 8 MiB costs
-/// microseconds next to the ~10 ms check. See BENCHMARKS.md, "Logins",
-/// for the measurement.
+/// Why: glibc starts by mmapping blocks above 128 KiB, but on the first
+/// free of such a block it raises its threshold to that block's size (the
+/// "dynamic mmap threshold", up to 32 MiB), so later blocks of that size
+/// come from a heap arena, and a freed arena chunk stays in RSS — one per
+/// thread's arena. That is how argon2's 19 MiB buffers on tokio's blocking
+/// pool grew RSS by ~19.5 MB per login. Password checks now keep one buffer
+/// per pool thread (see `access/users.rs`) and no longer depend on this;
+/// it stays as the safety net for every other large, short-lived buffer
+/// (a hash with a cost above the kept size, big MQTT payloads): measured
+/// with the pool but without the kept buffer, 1,000 logins grew RSS by
+/// 96 MiB without this setting and 0.7 MiB with it (BENCHMARKS.md,
+/// "Logins"). Setting `M_MMAP_THRESHOLD` explicitly turns the dynamic
+/// adjustment off (and the dynamic trim threshold with it). The cost is a
+/// page fault per 4 KiB page of such a block each time it is allocated.
 ///
-/// A no-op on other C libraries (musl returns large blocks already).
+/// A no-op on other C libraries.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
