@@ -1,6 +1,7 @@
 //! edgebridge: an IoT gateway in one binary. See DESIGN.md in the repo for
 //! the architecture; folder names follow the data flow.
 
+pub mod access;
 pub mod bridge;
 pub mod broker;
 pub mod bus;

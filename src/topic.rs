@@ -47,6 +47,31 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether every topic that `filter` can match is also matched by `outer`
+/// (the filter is a subset of `outer`). The ACL needs this to answer a
+/// SUBSCRIBE: `PV/+/power` lies within `PV/#`, `#` does not lie within
+/// `PV/#`. A `$` topic is only within a filter whose first level is the
+/// same literal, as in [`matches`].
+pub fn within(filter: &str, outer: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut o = outer.split('/');
+    let mut first = true;
+    loop {
+        match (f.next(), o.next()) {
+            (Some(a), Some("+" | "#")) if first && a.starts_with('$') => return false,
+            (_, Some("#")) => return true,
+            (Some("#"), _) => return false,
+            (Some("+"), Some("+")) => {}
+            (Some("+"), Some(_)) => return false,
+            (Some(_), Some("+")) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +83,30 @@ mod tests {
         }
         for bad in ["", "a/#/b", "a#", "a/b+", "PV/da#"] {
             assert!(check_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filters_within_filters() {
+        let cases = [
+            ("PV/#", "PV/#", true),
+            ("PV/+/power", "PV/#", true),
+            ("PV", "PV/#", true),
+            ("PV/a", "PV/+", true),
+            ("PV/+", "PV/+", true),
+            ("#", "PV/#", false),
+            ("cmd/#", "PV/#", false),
+            ("PV/#", "PV/+", false),
+            ("PV/+", "PV/a", false),
+            ("PV/a/b", "PV/+", false),
+            ("PV", "PV/+", false),
+            ("a/b", "#", true),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "+/x", false),
+            ("$SYS/x", "$SYS/#", true),
+        ];
+        for (filter, outer, want) in cases {
+            assert_eq!(within(filter, outer), want, "{filter} within {outer}");
         }
     }
 

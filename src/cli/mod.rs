@@ -178,6 +178,12 @@ fn check(path: &Path) -> ExitCode {
     if !check_bridge_files(path, &config) {
         return ExitCode::from(EXIT_CONFIG);
     }
+    if !check_access_files(&config) {
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    for w in config.warnings() {
+        eprintln!("{w}");
+    }
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
 }
@@ -193,6 +199,21 @@ fn check_bridge_files(path: &Path, config: &Config) -> bool {
         eprintln!("{} problem(s) in {}", problems.len(), path.display());
     }
     problems.is_empty()
+}
+
+/// Reads `broker.password_file` and `broker.acl_file` as the broker will,
+/// printing the first problem with its `file:line`.
+fn check_access_files(config: &Config) -> bool {
+    if !config.broker.enabled {
+        return true;
+    }
+    match crate::access::Snapshot::load(config) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("{e}");
+            false
+        }
+    }
 }
 
 /// Compiles the configured rules, printing every error with its place.
@@ -249,6 +270,9 @@ fn run(path: &Path) -> ExitCode {
     if !check_rules(&config) {
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Before any thread exists: large buffers (password checks) go back
+    // to the system when freed.
+    crate::ops::memory::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edgebridge")

@@ -88,9 +88,25 @@ pub struct BrokerConfig {
     pub external_password: Option<Secret>,
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
-    /// Required for any listener that is not on loopback.
+    /// Required for any listener that is not on loopback (or a
+    /// `password_file`).
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// A password file written by `mosquitto_passwd` (`user:$7$…`), read
+    /// at start and on SIGHUP; its users log in next to `users`.
+    /// Relative to this config file.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Who may publish and subscribe to what, with Mosquitto's acl_file
+    /// rules written as YAML (see [`AclRuleConfig`]). With neither `acl`
+    /// nor `acl_file`, every logged-in client may do anything.
+    #[serde(default)]
+    pub acl: Vec<AclRuleConfig>,
+    /// A Mosquitto acl_file (`user`, `topic`, `pattern` lines), merged
+    /// after `acl`; read at start and on SIGHUP. Relative to this config
+    /// file.
+    #[serde(default)]
+    pub acl_file: Option<PathBuf>,
     /// Largest publish payload a client may send.
     #[serde(default = "default_max_payload")]
     pub max_payload_size: ByteSize,
@@ -125,6 +141,9 @@ impl Default for BrokerConfig {
             external_password: None,
             listeners: Vec::new(),
             users: Vec::new(),
+            password_file: None,
+            acl: Vec::new(),
+            acl_file: None,
             max_payload_size: default_max_payload(),
             max_connections: default_max_connections(),
             max_queued_messages: default_max_queued(),
@@ -200,6 +219,42 @@ pub struct UserConfig {
     pub username: String,
     /// An argon2 PHC string from `edgebridge passwd`.
     pub password_hash: Secret,
+}
+
+/// One `broker.acl` entry: a Mosquitto acl_file line in YAML.
+/// `{ user, topic, access }` is a `topic` line under `user <name>`;
+/// `{ topic, access }` without a user is for anonymous clients (the
+/// topics before the first `user` line); `{ pattern, access }` is a
+/// `pattern` line, for every client, with `%u` (username) and `%c`
+/// (client id) substituted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRuleConfig {
+    /// The username the rule is for; none: anonymous clients.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A topic filter (`+` and `#` allowed).
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// A topic filter with `%u` and `%c`, for every client.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// What the rule grants, or `deny` to take it away whatever else grants.
+    pub access: AclAccess,
+}
+
+/// `access` of an ACL entry, as in Mosquitto's acl_file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAccess {
+    /// Subscribe and receive.
+    Read,
+    /// Publish.
+    Write,
+    /// Both.
+    Readwrite,
+    /// Neither, even where another entry of the same list grants it.
+    Deny,
 }
 
 /// What a mapping publishes.
@@ -362,6 +417,25 @@ impl Config {
             .collect();
         errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors))
+    }
+
+    /// What `edgebridge check` prints as warnings (the config still
+    /// loads), each with its place when the file can be read again.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let text = std::fs::read_to_string(&self.source).unwrap_or_default();
+        let locator = Locator::new(&text);
+        validate::warnings(self)
+            .into_iter()
+            .map(|p| {
+                let (line, column) = locator.find(&p.path).unwrap_or((0, 0));
+                ConfigError {
+                    file: self.source.clone(),
+                    line,
+                    column,
+                    message: format!("warning: {}: {}", p.path, p.message),
+                }
+            })
+            .collect()
     }
 
     /// A path from the config, relative to the config file's folder.

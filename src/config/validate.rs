@@ -42,6 +42,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     broker(config, &mut p);
+    acl(config, &mut p);
     devices(config, &mut p);
     driver_settings(config, &mut p);
     mappings(config, &mut p);
@@ -101,12 +102,13 @@ fn broker(config: &Config, p: &mut Problems) {
                 format!("port {} is used by another listener", l.bind.port()),
             );
         }
-        if !l.bind.ip().is_loopback() && b.users.is_empty() {
+        if !l.bind.ip().is_loopback() && b.users.is_empty() && b.password_file.is_none() {
             p.add(
                 path,
                 format!(
                     "listener on {} is reachable beyond this machine, so `broker.users` must list \
-                     at least one user (create a hash with `edgebridge passwd <user>`), \
+                     at least one user (create a hash with `edgebridge passwd <user>`) \
+                     or `broker.password_file` name a Mosquitto password file, \
                      or bind it to 127.0.0.1",
                     l.bind
                 ),
@@ -125,6 +127,65 @@ fn broker(config: &Config, p: &mut Problems) {
             );
         }
     }
+}
+
+/// `broker.acl`: each entry is a `topic` (optionally for a `user`) or a
+/// `pattern` (for everyone), with a valid filter. The files are read by
+/// `crate::access` (at start, on SIGHUP and by `edgebridge check`).
+fn acl(config: &Config, p: &mut Problems) {
+    for (i, r) in config.broker.acl.iter().enumerate() {
+        let at = format!("broker.acl[{i}]");
+        let filter = match (&r.topic, &r.pattern) {
+            (Some(t), None) => t,
+            (None, Some(pat)) => {
+                if r.user.is_some() {
+                    p.add(
+                        format!("{at}.user"),
+                        "a `pattern` applies to every client; use `topic` for one user's rule",
+                    );
+                }
+                pat
+            }
+            _ => {
+                p.add(at, "needs exactly one of `topic` or `pattern`");
+                continue;
+            }
+        };
+        let key = if r.topic.is_some() {
+            "topic"
+        } else {
+            "pattern"
+        };
+        if let Err(e) = crate::topic::check_filter(filter) {
+            p.add(format!("{at}.{key}"), e);
+        }
+        if r.user.as_deref() == Some("") {
+            p.add(format!("{at}.user"), "an empty username matches nobody");
+        }
+    }
+}
+
+/// Things that load but deserve a second look, printed by `edgebridge
+/// check`; a config with warnings still runs.
+pub fn warnings(config: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    let b = &config.broker;
+    if b.enabled && b.acl.is_empty() && b.acl_file.is_none() {
+        for (i, l) in b.listeners.iter().enumerate() {
+            if !l.bind.ip().is_loopback() {
+                p.add(
+                    format!("broker.listeners[{i}].bind"),
+                    format!(
+                        "listener on {} is reachable beyond this machine and there is no \
+                         `broker.acl` or `broker.acl_file`: every user who logs in may publish \
+                         and subscribe to every topic",
+                        l.bind
+                    ),
+                );
+            }
+        }
+    }
+    p.0
 }
 
 fn devices(config: &Config, p: &mut Problems) {
@@ -1359,5 +1420,77 @@ mod onenet_tests {
         assert!(!e.contains("not base64!"), "key leaked: {e}");
         let e = load(&onenet("", "").replace("gw-001", "gw/001")).unwrap_err();
         assert!(e.contains("onenet.device_name"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use std::path::Path;
+
+    use crate::config::{AclAccess, Config};
+
+    fn load(broker: &str) -> Result<Config, String> {
+        let text = format!("gateway: {{ id: gw }}\nbroker:\n{broker}");
+        Config::from_text(Path::new("c.yaml"), &text, |_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn acl_entries_parse_and_are_checked_with_their_place() {
+        let c = load(
+            "  acl:\n    - { user: evse, topic: \"PV/#\", access: read }\n    - { pattern: \"clients/%c/#\", access: readwrite }\n  acl_file: acl\n  password_file: passwd\n",
+        )
+        .unwrap();
+        let b = &c.broker;
+        assert_eq!(b.acl.len(), 2);
+        assert_eq!(b.acl[0].access, AclAccess::Read);
+        assert_eq!(b.acl_file.as_deref(), Some(Path::new("acl")));
+        assert_eq!(
+            c.resolve(b.password_file.as_deref().unwrap()),
+            Path::new("passwd")
+        );
+
+        let e = load("  acl:\n    - { user: evse, access: read }\n").unwrap_err();
+        assert!(
+            e.starts_with("c.yaml:4:7: broker.acl[0]: needs exactly one"),
+            "{e}"
+        );
+        let e =
+            load("  acl:\n    - { user: evse, pattern: \"a/%u\", access: read }\n").unwrap_err();
+        assert!(
+            e.contains("broker.acl[0].user: a `pattern` applies to every client"),
+            "{e}"
+        );
+        let e = load("  acl:\n    - { topic: \"a/#/b\", access: read }\n").unwrap_err();
+        assert!(e.contains("broker.acl[0].topic: invalid filter"), "{e}");
+        let e = load("  acl:\n    - { topic: a, access: everything }\n").unwrap_err();
+        assert!(e.contains("unknown variant `everything`"), "{e}");
+    }
+
+    #[test]
+    fn a_password_file_counts_as_users_beyond_loopback() {
+        let open = "  listeners: [{ bind: \"0.0.0.0:1883\", protocol: mqtt }]\n";
+        let e = load(open).unwrap_err();
+        assert!(e.contains("or `broker.password_file`"), "{e}");
+        let c = load(&format!("{open}  password_file: /etc/mosquitto/passwd\n")).unwrap();
+        // Loads, but warns: anyone who logs in may do anything.
+        let w = crate::config::validate::warnings(&c);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].path, "broker.listeners[0].bind");
+        assert!(w[0]
+            .message
+            .contains("no `broker.acl` or `broker.acl_file`"));
+        let c = load(&format!("{open}  password_file: p\n  acl_file: a\n")).unwrap();
+        assert!(crate::config::validate::warnings(&c).is_empty());
+        let c = load("  listeners: [{ bind: \"127.0.0.1:1883\", protocol: mqtt }]\n").unwrap();
+        assert!(crate::config::validate::warnings(&c).is_empty());
+    }
+
+    #[test]
+    fn debug_shows_no_hashes() {
+        let c = load(
+            "  users: [{ username: a, password_hash: \"$argon2id$v=19$m=8192,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo\" }]\n  password_file: p\n",
+        );
+        let text = format!("{c:?}");
+        assert!(!text.contains("argon2id"), "{text}");
     }
 }
