@@ -37,11 +37,6 @@ pub enum GatewayError {
     RulesThread(std::io::Error),
     #[error(transparent)]
     Bridge(#[from] StartError),
-    /// Until the broker engine calls [`crate::access::AccessControl`] from
-    /// its hooks, a config relying on it must not start: a
-    /// `password_file`-only listener on the LAN would otherwise be open.
-    #[error("{0} is not enforced by this build's broker engine yet (issue 19); remove it or use `broker.users`")]
-    AccessNotWired(&'static str),
 }
 
 /// A running gateway.
@@ -75,14 +70,6 @@ impl Gateway {
         // reported (file:line:col) without a half-started gateway.
         let rules = load_rules(&config)?;
         let (broker, bus) = if config.broker.enabled {
-            // Remove when the engine's hooks call `crate::access`.
-            let b = &config.broker;
-            if b.password_file.is_some() {
-                return Err(GatewayError::AccessNotWired("broker.password_file"));
-            }
-            if !b.acl.is_empty() || b.acl_file.is_some() {
-                return Err(GatewayError::AccessNotWired("broker.acl / broker.acl_file"));
-            }
             let broker = Arc::new(EmbeddedBroker::start(&config).await?);
             let bus = Bus::embedded(broker.clone())?;
             (Some(broker), bus)
@@ -203,6 +190,11 @@ impl Gateway {
         let (new, needs_restart) = reload::split_live(&self.config, new);
         // Everything that can be refused is checked before anything stops.
         DriverUnits::check(&new.devices)?;
+        // Users and ACL, their files read again even when config.yaml did
+        // not change; connected clients stay, later checks use the new ones.
+        if let Some(b) = &self.broker {
+            b.reload_access(&new)?;
+        }
         let bridge_specs = self.changed_bridge_specs(&new)?;
         // Bridges first, so they are subscribed before restarted devices
         // publish again.
@@ -441,7 +433,7 @@ impl Gateway {
         self.status.gateway(false).await;
         self.bus.flush(Duration::from_millis(300)).await;
         if let Some(b) = &self.broker {
-            b.close_listeners();
+            b.shutdown().await;
         }
         tracing::info!("gateway stopped");
     }

@@ -4,15 +4,18 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rmqtt::codec::v5::SubscribeAckReason;
+use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
-use rmqtt::types::{AuthResult, PublishAclResult, Reason, SubscribeAclResult};
+use rmqtt::codec::types::MQTT_LEVEL_5;
+use rmqtt::types::{AuthResult, ConnectAckReason, PublishAclResult, Reason, SubscribeAclResult};
 
-use super::access::{Access, Policy};
+use crate::access::{Access, AccessControl, Login};
 
 /// Messages delivered to network clients (for `$SYS/broker/messages/sent`).
 static SENT: AtomicU64 = AtomicU64::new(0);
@@ -40,32 +43,46 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// The policy in force; a reload swaps it without touching connections.
-#[derive(Clone, Default)]
+/// Our side of the broker's hooks; clones share everything.
+#[derive(Clone)]
 pub struct Gate {
-    policy: Arc<RwLock<Arc<Policy>>>,
+    access: AccessControl,
+    /// `broker.max_payload_size`: a larger publish disconnects its sender.
+    max_payload: usize,
+    /// `broker.max_connections`: network clients beyond it are answered
+    /// "server unavailable" (the gateway's in-process clients never count).
+    max_connections: usize,
+    scx: ServerContext,
     log: Arc<LogLimit>,
+    /// Logins answered "busy" (too many password checks waiting, or
+    /// `max_connections` reached), by (client id, peer), so that their
+    /// CONNACK says "server unavailable" (3.1.1) / "server busy" (5) and the
+    /// client retries, rather than "not authorised".
+    busy: Arc<Mutex<HashSet<(String, Option<SocketAddr>)>>>,
 }
 
 impl Gate {
-    pub fn new(policy: Policy) -> Gate {
+    pub fn new(scx: ServerContext, access: AccessControl, max_payload: usize, max_connections: usize) -> Gate {
         Gate {
-            policy: Arc::new(RwLock::new(Arc::new(policy))),
+            access,
+            max_payload,
+            max_connections,
+            scx,
             log: Arc::default(),
+            busy: Arc::default(),
         }
     }
 
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The users and ACL in force (shared: a reload through it applies
+    /// here).
+    pub fn access(&self) -> &AccessControl {
+        &self.access
     }
 
-    /// Puts `policy` in force for every later login, subscription and
-    /// publish.
-    pub fn replace(&self, policy: Policy) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    fn allows(&self, session: &rmqtt::session::Session, topic: &str, access: Access) -> bool {
+        let user = session.id.username.as_ref().map(|u| u.to_string());
+        self.access
+            .check(user.as_deref(), &session.id.client_id, topic, access)
     }
 }
 
@@ -74,49 +91,68 @@ impl Handler for Gate {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let policy = self.policy();
-                let user = info.username().map(|u| u.to_string());
-                let password = info.password().map(|p| p.to_vec());
-                let ok = match (&user, password) {
-                    (Some(u), Some(p)) => {
-                        let p = String::from_utf8_lossy(&p).into_owned();
-                        policy.users.check(u.clone(), p).await
-                    }
-                    _ => false,
-                };
-                if ok {
+                let connected = usize::try_from(self.scx.connections.count()).unwrap_or(0);
+                if connected >= self.max_connections {
+                    self.log.full(&info.client_id().to_string(), info.id().remote_addr, self.max_connections);
+                    lock(&self.busy).insert((info.client_id().to_string(), info.id().remote_addr));
+                    return (false, Some(HookResult::AuthResult(AuthResult::NotAuthorized)));
+                }
+                if !self.access.requires_login() {
                     return (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None))));
                 }
-                REFUSED.fetch_add(1, Ordering::Relaxed);
-                crate::ops::metrics::broker_login_refused();
-                self.log.refused(
-                    user.as_deref(),
-                    &info.client_id().to_string(),
-                    info.id().remote_addr,
-                );
+                let user = info.username().map(|u| u.to_string());
+                let peer = info.id().remote_addr;
+                let login = self
+                    .access
+                    .authenticate(
+                        peer.map(|p| p.ip()),
+                        user.as_deref(),
+                        info.password().map(|p| p.as_ref()),
+                    )
+                    .await;
+                let client_id = info.client_id().to_string();
+                match login {
+                    Login::Accepted => {
+                        return (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None))))
+                    }
+                    Login::Busy => {
+                        self.log.busy(user.as_deref(), &client_id, peer);
+                        lock(&self.busy).insert((client_id, peer));
+                    }
+                    Login::Refused => {
+                        REFUSED.fetch_add(1, Ordering::Relaxed);
+                        crate::ops::metrics::broker_login_refused();
+                        self.log.refused(user.as_deref(), &client_id, peer);
+                    }
+                }
                 // MQTT 3.1.1 answers 5 (not authorised), as Mosquitto does;
                 // MQTT 5 says which: 0x86 bad user name or password.
-                let result = if info.proto_ver() == rmqtt::codec::types::MQTT_LEVEL_5 {
+                let result = if info.proto_ver() == MQTT_LEVEL_5 {
                     AuthResult::BadUsernameOrPassword
                 } else {
                     AuthResult::NotAuthorized
                 };
                 (false, Some(HookResult::AuthResult(result)))
             }
+            Parameter::ClientConnack(info, _) => {
+                let key = (info.client_id().to_string(), info.id().remote_addr);
+                if !lock(&self.busy).remove(&key) {
+                    return (true, acc);
+                }
+                let busy = if info.proto_ver() == MQTT_LEVEL_5 {
+                    ConnectAckReason::V5(rmqtt::codec::v5::ConnectAckReason::ServerBusy)
+                } else {
+                    ConnectAckReason::V3(rmqtt::codec::v3::ConnectAckReason::ServiceUnavailable)
+                };
+                (false, Some(HookResult::ConnectAckReason(busy)))
+            }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
-                let user = session.id.username.as_ref().map(|u| u.to_string());
-                let allowed = self.policy().allows(
-                    user.as_deref(),
-                    &session.id.client_id,
-                    &sub.topic_filter,
-                    Access::Subscribe,
-                );
-                if allowed {
+                if self.allows(session, &sub.topic_filter, Access::Subscribe) {
                     return (true, acc);
                 }
                 DENIED.fetch_add(1, Ordering::Relaxed);
                 crate::ops::metrics::broker_acl_denied("subscribe");
-                tracing::debug!(user = ?user, client_id = %session.id.client_id,
+                tracing::debug!(client_id = %session.id.client_id,
                     filter = %sub.topic_filter, "subscription denied by the ACL");
                 (
                     false,
@@ -126,30 +162,53 @@ impl Handler for Gate {
                 )
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let user = session.id.username.as_ref().map(|u| u.to_string());
-                let allowed = self.policy().allows(
-                    user.as_deref(),
-                    &session.id.client_id,
-                    &publish.topic,
-                    Access::Write,
-                );
-                if allowed {
+                // rmqtt bounds whole packets (topic and properties too);
+                // the limit users set is on the payload, as Mosquitto's
+                // `message_size_limit`.
+                if publish.payload.len() > self.max_payload {
+                    tracing::warn!(client_id = %session.id.client_id, size = publish.payload.len(),
+                        max = self.max_payload, "publish larger than broker.max_payload_size: client disconnected");
+                    let reason = Some("payload larger than the broker's limit".into());
+                    return (false, Some(HookResult::PublishAclResult(PublishAclResult::rejected(true, reason))));
+                }
+                if self.allows(session, &publish.topic, Access::Write) {
                     return (true, acc);
                 }
                 DENIED.fetch_add(1, Ordering::Relaxed);
                 crate::ops::metrics::broker_acl_denied("publish");
-                tracing::debug!(user = ?user, client_id = %session.id.client_id,
+                tracing::debug!(client_id = %session.id.client_id,
                     topic = %publish.topic, "publish denied by the ACL");
                 (
                     false,
                     Some(HookResult::PublishAclResult(PublishAclResult::rejected(false, None))),
                 )
             }
+            // The last check before a message goes to a client: the ACL's
+            // read rules (a deny inside a granted subtree). rmqtt can skip a
+            // delivery only as "expired"; `MessageDropped` below tells the
+            // two apart (no expiry of its own: it was us).
+            Parameter::MessageExpiryCheck(session, _, publish) => {
+                let acl = &self.access.current().acl;
+                if !acl.is_restrictive() || self.allows(session, &publish.topic, Access::Read) {
+                    return (true, acc);
+                }
+                DENIED.fetch_add(1, Ordering::Relaxed);
+                crate::ops::metrics::broker_acl_denied("read");
+                (false, Some(HookResult::MessageExpiry))
+            }
             Parameter::MessageDelivered(..) => {
                 SENT.fetch_add(1, Ordering::Relaxed);
                 (true, acc)
             }
             Parameter::MessageDropped(to, _, publish, reason) => {
+                let own_expiry = publish
+                    .properties
+                    .as_ref()
+                    .is_some_and(|p| p.message_expiry_interval.is_some());
+                if matches!(reason, Reason::MessageExpiration) && !own_expiry {
+                    // Skipped by the ACL's read rules (see above): counted there.
+                    return (true, acc);
+                }
                 DROPPED.fetch_add(1, Ordering::Relaxed);
                 let why = match reason {
                     Reason::MessageQueueFull => "queue_full",
@@ -225,10 +284,30 @@ impl LogLimit {
         }
     }
 
+    fn busy(&self, user: Option<&str>, client_id: &str, peer: Option<SocketAddr>) {
+        if self.admit() {
+            let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+            tracing::warn!(user = user.unwrap_or(""), client_id, peer,
+                "login answered \"server busy\": too many password checks waiting (the client retries)");
+        }
+    }
+
+    fn full(&self, client_id: &str, peer: Option<SocketAddr>, max: usize) {
+        if self.admit() {
+            let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+            tracing::warn!(client_id, peer, max, "connection refused: broker.max_connections reached");
+        }
+    }
+
     fn dropped(&self, client_id: Option<String>, topic: &str, why: &str) {
         if self.admit() {
             tracing::warn!(client_id = client_id.as_deref().unwrap_or("?"), topic, reason = why,
                 "the broker dropped a message for a client");
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the set is whole.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -18,8 +18,6 @@
 //! the in-process clients (`local.rs`), `$SYS` (`sys.rs`), TLS (`tls.rs`)
 //! and keeping retained messages across restarts (`persist.rs`).
 
-mod access;
-pub mod auth;
 mod fitter;
 mod hooks;
 mod local;
@@ -44,8 +42,8 @@ use rmqtt::types::{From as Origin, Id, Publish};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use access::{Access, Policy, PolicyError};
-pub use auth::{hash_password, Users};
+pub use crate::access::{hash_password, Users};
+use crate::access::{AccessControl, AccessError};
 pub use fitter::keep_alive_limit;
 pub use hooks::{acl_denied, logins_refused};
 pub use local::{STALL_LIMIT, SUBSCRIBER_QUEUE};
@@ -55,11 +53,8 @@ use crate::model::{Message, Qos};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
     #[error("listener {addr}: {reason}")]
     Listener { addr: SocketAddr, reason: String },
     #[error("listener {addr}: TLS file {path} does not exist")]
@@ -69,8 +64,8 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: tls::TlsError,
     },
-    #[error("the broker's access policy: {0}")]
-    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("the embedded broker: {0}")]
     Setup(String),
 }
@@ -142,12 +137,19 @@ impl EmbeddedBroker {
         });
         *scx.extends.shared_subscription_mut().await = Box::new(share::RoundRobin::default());
 
-        let gate = hooks::Gate::new(Policy::from_config(config)?);
+        let gate = hooks::Gate::new(
+            scx.clone(),
+            AccessControl::from_config(config)?,
+            usize::try_from(b.max_payload_size.0).unwrap_or(usize::MAX),
+            b.max_connections,
+        );
         let register = scx.extends.hook_mgr().register();
         for typ in [
             Type::ClientAuthenticate,
+            Type::ClientConnack,
             Type::ClientSubscribeCheckAcl,
             Type::MessagePublishCheckAcl,
+            Type::MessageExpiryCheck,
             Type::MessageDelivered,
             Type::MessageDropped,
         ] {
@@ -159,10 +161,9 @@ impl EmbeddedBroker {
         let mut pending = Vec::new();
         for (i, l) in b.listeners.iter().enumerate() {
             let id = ListenerId::try_from(i + 1).unwrap_or(ListenerId::MAX);
-            let anonymous = !!gate.policy().users.is_empty();
             match &l.tls {
                 None => {
-                    let listener = bind(settings(b, l.bind, anonymous), l.protocol)?;
+                    let listener = bind(settings(b, l.bind), l.protocol)?;
                     let addr = listener
                         .local_addr()
                         .map_err(|e| BrokerError::Setup(e.to_string()))?;
@@ -185,17 +186,15 @@ impl EmbeddedBroker {
                             source,
                         }
                     })?;
-                    let public = StdListener::bind(l.bind).map_err(|source| BrokerError::Bind {
+                    let bind_err = |e: std::io::Error| BrokerError::Bind {
                         addr: l.bind,
-                        source,
-                    })?;
-                    let addr = public.local_addr().map_err(|source| BrokerError::Bind {
-                        addr: l.bind,
-                        source,
-                    })?;
+                        reason: e.to_string(),
+                    };
+                    let public = StdListener::bind(l.bind).map_err(bind_err)?;
+                    let addr = public.local_addr().map_err(bind_err)?;
                     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
                     let inner =
-                        bind(settings(b, loopback, anonymous).proxy_protocol(true), l.protocol)?;
+                        bind(settings(b, loopback).proxy_protocol(true), l.protocol)?;
                     listeners.push((addr, l.protocol));
                     pending.push(Pending::Tls {
                         id,
@@ -246,7 +245,10 @@ impl EmbeddedBroker {
                         .map(|public| {
                             tasks.push(tokio::spawn(tls::front(public, acceptor, inner_addr)))
                         })
-                        .map_err(|source| BrokerError::Bind { addr, source })?;
+                        .map_err(|e| BrokerError::Bind {
+                            addr,
+                            reason: e.to_string(),
+                        })?;
                     server = server.listener_by_id(inner, id);
                 }
             }
@@ -262,7 +264,7 @@ impl EmbeddedBroker {
             self.sys_interval,
         )));
         for (addr, protocol) in &self.listeners {
-            tracing::info!(%addr, ?protocol, auth = !self.gate.policy().users.is_empty(), "listening");
+            tracing::info!(%addr, ?protocol, auth = self.gate.access().requires_login(), "listening");
         }
         lock(&self.tasks).extend(tasks);
         Ok(())
@@ -297,17 +299,28 @@ impl EmbeddedBroker {
         }
     }
 
-    /// Puts the access policy of `config` (users, ACL) in force for every
-    /// later login, subscription and publish; connected clients stay.
-    pub fn reload_policy(&self, config: &Config) -> Result<(), BrokerError> {
-        self.gate.replace(Policy::from_config(config)?);
+    /// Puts the users and ACL of `config` (and of its password and ACL
+    /// files, read again) in force for every later login, subscription and
+    /// publish; connected clients stay. On an error the old ones stay.
+    pub fn reload_access(&self, config: &Config) -> Result<(), BrokerError> {
+        self.gate.access().reload(config)?;
         Ok(())
     }
 
-    /// Closes every listener and keeps the retained messages for the next
-    /// start. Connected clients' tasks end with the runtime.
+    /// Closes every listener, disconnects every client and keeps the
+    /// retained messages for the next start.
     pub async fn shutdown(&self) {
         self.close_listeners();
+        {
+            let shared = self.scx.extends.shared().await;
+            for entry in shared.iter() {
+                if let Some(tx) = entry.tx() {
+                    let _ = tx.unbounded_send(rmqtt::types::Message::Closed(
+                        rmqtt::types::Reason::ConnectKicked(true),
+                    ));
+                }
+            }
+        }
         self.save_retained().await;
     }
 
@@ -406,7 +419,7 @@ max_payload_size = "16MB"
 /// rmqtt's settings for one listener. Where rmqtt's default differs from
 /// what MQTT or Mosquitto does, the value is chosen here (README, "The
 /// embedded broker").
-fn settings(b: &BrokerConfig, addr: SocketAddr, anonymous: bool) -> Builder {
+fn settings(b: &BrokerConfig, addr: SocketAddr) -> Builder {
     let max_packet = u32::try_from(b.max_payload_size.0)
         .unwrap_or(u32::MAX - PACKET_OVERHEAD)
         .saturating_add(PACKET_OVERHEAD);
@@ -418,7 +431,10 @@ fn settings(b: &BrokerConfig, addr: SocketAddr, anonymous: bool) -> Builder {
         .max_connections(b.max_connections)
         .max_handshaking_limit(b.max_connections.max(1))
         .max_packet_size(max_packet)
-        .allow_anonymous(anonymous)
+        // Every login goes to our hook (hooks.rs), which lets anyone in
+        // while there are no users: a reload that adds users applies to
+        // the listeners already open.
+        .allow_anonymous(false)
         // MQTT allows keep-alive 0 (no keep-alive); Paho's clients use it.
         .allow_zero_keepalive(true)
         .min_keepalive(0)
@@ -440,9 +456,9 @@ fn settings(b: &BrokerConfig, addr: SocketAddr, anonymous: bool) -> Builder {
 
 fn bind(settings: Builder, protocol: ListenerProtocol) -> Result<Listener, BrokerError> {
     let addr = settings.laddr;
-    let listener = settings.bind().map_err(|e| BrokerError::Listener {
+    let listener = settings.bind().map_err(|e| BrokerError::Bind {
         addr,
-        reason: format!("cannot listen: {e}"),
+        reason: e.to_string(),
     })?;
     match protocol {
         ListenerProtocol::Mqtt | ListenerProtocol::Mqtt5 => listener.tcp(),

@@ -68,16 +68,42 @@ pub fn save(file: &Path, messages: &[Message]) {
         .map_err(std::io::Error::other)
         .and_then(|json| {
             if let Some(dir) = file.parent() {
-                std::fs::create_dir_all(dir)?;
+                private_dir(dir)?;
             }
             let tmp = file.with_extension("json.tmp");
-            std::fs::write(&tmp, json)?;
+            write_private(&tmp, &json)?;
             std::fs::rename(&tmp, file)
         });
     match result {
         Ok(()) => tracing::debug!(file = %file.display(), count = messages.len(), "retained messages saved"),
         Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot save the retained messages"),
     }
+}
+
+/// Like the bridge queues: the data folder is the service user's alone
+/// (0700), its files 0600; retained payloads can be private.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -93,6 +119,9 @@ mod tests {
         save(&file, &[m.clone()]);
         let back = load(&file);
         assert_eq!(back, vec![Message { retain: true, ..m }]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "readable by others: {mode:o}");
     }
 
     #[test]

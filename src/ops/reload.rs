@@ -48,7 +48,7 @@ impl ConfigReload {
 
 /// Splits `new` into what can be applied live: the returned config has the
 /// running values of the keys only a restart can change (the gateway's
-/// identity and data folder, the broker's listeners and users, the rules
+/// identity and data folder, the broker's listeners and limits, the rules
 /// folder and deadline, the metrics endpoint), and those keys are listed
 /// when they differ.
 pub fn split_live(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
@@ -57,9 +57,21 @@ pub fn split_live(running: &Config, mut new: Config) -> (Config, Vec<&'static st
         needs_restart.push("gateway");
         new.gateway = running.gateway.clone();
     }
-    if new.broker != running.broker {
+    // Users and the ACL (and their files, read again on every reload) are
+    // live; the rest of the broker (listeners, limits) needs a restart.
+    let mut fixed = new.broker.clone();
+    fixed.users.clone_from(&running.broker.users);
+    fixed.password_file.clone_from(&running.broker.password_file);
+    fixed.acl.clone_from(&running.broker.acl);
+    fixed.acl_file.clone_from(&running.broker.acl_file);
+    if fixed != running.broker {
         needs_restart.push("broker");
+        let live = new.broker;
         new.broker = running.broker.clone();
+        new.broker.users = live.users;
+        new.broker.password_file = live.password_file;
+        new.broker.acl = live.acl;
+        new.broker.acl_file = live.acl_file;
     }
     // The rule files themselves are reloaded on every SIGHUP; where they
     // live (or whether there are rules at all) is fixed at start.

@@ -365,8 +365,8 @@ async fn payload_and_connection_limits_hold_and_others_keep_being_served() {
     );
     watcher.expect("x/p", Duration::from_secs(5)).await;
 
-    // Connections past the limit get no CONNACK; the gateway's own links
-    // count too, so open until refused, then check a slot frees up.
+    // Connections past the limit are refused ("server unavailable"); the
+    // watcher holds one of the 12, the gateway's own clients none.
     let mut open = Vec::new();
     let mut refused = false;
     for i in 0..16 {
@@ -378,7 +378,7 @@ async fn payload_and_connection_limits_hold_and_others_keep_being_served() {
         open.push(s);
     }
     assert!(refused, "the 12-connection limit let {} in", open.len() + 1);
-    assert!(open.len() < 12);
+    assert_eq!(open.len(), 11, "the watcher and 11 more fill the 12");
     drop(open);
     watcher.expect("x/p", Duration::from_secs(5)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -504,12 +504,10 @@ async fn a_packet_that_panics_rumqttds_mqtt5_decoder_kills_only_its_connection()
     gw.shutdown().await;
 }
 
-/// rumqttd 0.20 (rumqtt#1062): a client that resets its socket right after
-/// CONNECT leaves a dead will channel behind, and the next CONNECT with the
-/// same client id panicked while holding the listener's mutex, which locked
-/// every later client out of that listener. The broker now restarts its
-/// listeners as soon as rumqttd reports such a connection: no panic, the
-/// client gets back in, and connected clients are not disturbed.
+/// A client that resets its socket right after CONNECT (a crash, a pulled
+/// cable) must lock nobody out: the same client id gets back in at once,
+/// other clients connect, and connected clients are not disturbed. (With
+/// rumqttd 0.20 this locked every later client out: rumqtt#1062.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_resets_during_connect_locks_nobody_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -539,8 +537,8 @@ async fn a_client_that_resets_during_connect_locks_nobody_out() {
         let mut s = s;
         s.write_all(&connect_packet("t-churn")).await.unwrap();
         drop(s);
-        // The same client id comes back, as a real client would: it retries
-        // while the listener is being restarted (a few milliseconds).
+        // The same client id comes back, as a real client would (retrying
+        // if the broker is still closing the old session).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -567,9 +565,5 @@ async fn a_client_that_resets_during_connect_locks_nobody_out() {
         .await;
     bystander.expect("x/p", Duration::from_secs(5)).await;
     let log = bin.stderr();
-    assert!(!log.contains("panicked"), "rumqttd panicked:\n{log}");
-    assert!(
-        log.contains("restarting the broker's listeners"),
-        "no listener restart was logged:\n{log}"
-    );
+    assert!(!log.contains("panicked"), "the broker panicked:\n{log}");
 }
