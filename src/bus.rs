@@ -172,7 +172,11 @@ impl SubscriptionRx {
 
     /// Hands every message to `out` until the bus, `out` or the returned
     /// [`Forwarder`] is gone.
-    pub fn forward_to(self, _name: &str, out: mpsc::Sender<Message>) -> Result<Forwarder, BusError> {
+    pub fn forward_to(
+        self,
+        _name: &str,
+        out: mpsc::Sender<Message>,
+    ) -> Result<Forwarder, BusError> {
         let mut me = self;
         let task = tokio::spawn(async move {
             while let Some(m) = me.recv().await {

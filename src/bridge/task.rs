@@ -895,7 +895,7 @@ impl<L: LocalLink> Runner<L> {
         } else {
             tracing::debug!(error = %e, attempt = self.backoff.attempt(), retry_in = ?delay,
                 "cannot connect to the remote broker");
-            if self.backoff.attempt() == 1 || self.backoff.attempt() % 10 == 0 {
+            if self.backoff.attempt() == 1 || self.backoff.attempt().is_multiple_of(10) {
                 tracing::warn!(error = %e, attempt = self.backoff.attempt(), retry_in = ?delay,
                     "cannot connect to the remote broker");
             }

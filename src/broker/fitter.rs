@@ -20,7 +20,12 @@ pub struct Fitters {
 }
 
 impl FitterManager for Fitters {
-    fn create(&self, conn_info: Arc<ConnectInfo>, id: Id, listen_cfg: ListenerConfig) -> FitterType {
+    fn create(
+        &self,
+        conn_info: Arc<ConnectInfo>,
+        id: Id,
+        listen_cfg: ListenerConfig,
+    ) -> FitterType {
         Arc::new(EdgeFitter {
             v5: conn_info.proto_ver() == MQTT_LEVEL_5,
             max_keep_alive: self.max_keep_alive,

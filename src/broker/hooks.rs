@@ -2,17 +2,17 @@
 //! subscribe and publish where, and the counting of what the broker drops.
 //! rmqtt calls these at its hook points; everything here is ours.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rmqtt::codec::types::MQTT_LEVEL_5;
 use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
-use rmqtt::codec::types::MQTT_LEVEL_5;
 use rmqtt::types::{AuthResult, ConnectAckReason, PublishAclResult, Reason, SubscribeAclResult};
 
 use crate::access::{Access, AccessControl, Login};
@@ -43,6 +43,9 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
+/// A connection in its handshake: client id and peer.
+type Connecting = (String, Option<SocketAddr>);
+
 /// Our side of the broker's hooks; clones share everything.
 #[derive(Clone)]
 pub struct Gate {
@@ -58,11 +61,16 @@ pub struct Gate {
     /// `max_connections` reached), by (client id, peer), so that their
     /// CONNACK says "server unavailable" (3.1.1) / "server busy" (5) and the
     /// client retries, rather than "not authorised".
-    busy: Arc<Mutex<HashSet<(String, Option<SocketAddr>)>>>,
+    busy: Arc<Mutex<HashSet<Connecting>>>,
 }
 
 impl Gate {
-    pub fn new(scx: ServerContext, access: AccessControl, max_payload: usize, max_connections: usize) -> Gate {
+    pub fn new(
+        scx: ServerContext,
+        access: AccessControl,
+        max_payload: usize,
+        max_connections: usize,
+    ) -> Gate {
         Gate {
             access,
             max_payload,
@@ -93,12 +101,22 @@ impl Handler for Gate {
             Parameter::ClientAuthenticate(info) => {
                 let connected = usize::try_from(self.scx.connections.count()).unwrap_or(0);
                 if connected >= self.max_connections {
-                    self.log.full(&info.client_id().to_string(), info.id().remote_addr, self.max_connections);
+                    self.log.full(
+                        info.client_id().as_ref(),
+                        info.id().remote_addr,
+                        self.max_connections,
+                    );
                     lock(&self.busy).insert((info.client_id().to_string(), info.id().remote_addr));
-                    return (false, Some(HookResult::AuthResult(AuthResult::NotAuthorized)));
+                    return (
+                        false,
+                        Some(HookResult::AuthResult(AuthResult::NotAuthorized)),
+                    );
                 }
                 if !self.access.requires_login() {
-                    return (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None))));
+                    return (
+                        false,
+                        Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+                    );
                 }
                 let user = info.username().map(|u| u.to_string());
                 let peer = info.id().remote_addr;
@@ -113,7 +131,10 @@ impl Handler for Gate {
                 let client_id = info.client_id().to_string();
                 match login {
                     Login::Accepted => {
-                        return (false, Some(HookResult::AuthResult(AuthResult::Allow(false, None))))
+                        return (
+                            false,
+                            Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+                        )
                     }
                     Login::Busy => {
                         self.log.busy(user.as_deref(), &client_id, peer);
@@ -156,9 +177,9 @@ impl Handler for Gate {
                     filter = %sub.topic_filter, "subscription denied by the ACL");
                 (
                     false,
-                    Some(HookResult::SubscribeAclResult(SubscribeAclResult::new_failure(
-                        SubscribeAckReason::NotAuthorized,
-                    ))),
+                    Some(HookResult::SubscribeAclResult(
+                        SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized),
+                    )),
                 )
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
@@ -169,7 +190,12 @@ impl Handler for Gate {
                     tracing::warn!(client_id = %session.id.client_id, size = publish.payload.len(),
                         max = self.max_payload, "publish larger than broker.max_payload_size: client disconnected");
                     let reason = Some("payload larger than the broker's limit".into());
-                    return (false, Some(HookResult::PublishAclResult(PublishAclResult::rejected(true, reason))));
+                    return (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            true, reason,
+                        ))),
+                    );
                 }
                 if self.allows(session, &publish.topic, Access::Write) {
                     return (true, acc);
@@ -180,7 +206,9 @@ impl Handler for Gate {
                     topic = %publish.topic, "publish denied by the ACL");
                 (
                     false,
-                    Some(HookResult::PublishAclResult(PublishAclResult::rejected(false, None))),
+                    Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                        false, None,
+                    ))),
                 )
             }
             // The last check before a message goes to a client: the ACL's
@@ -252,7 +280,9 @@ impl LogLimit {
     fn admit(&self) -> bool {
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if w.start.is_none_or(|s| now.duration_since(s) >= Self::WINDOW) {
+        if w.start
+            .is_none_or(|s| now.duration_since(s) >= Self::WINDOW)
+        {
             if w.suppressed > 0 {
                 tracing::warn!(
                     suppressed = w.suppressed,
@@ -278,8 +308,17 @@ impl LogLimit {
         if self.admit() {
             let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
             match user {
-                Some(user) => tracing::warn!(user, client_id, peer, "login refused: bad user name or password"),
-                None => tracing::warn!(client_id, peer, "login refused: no user name (this broker requires one)"),
+                Some(user) => tracing::warn!(
+                    user,
+                    client_id,
+                    peer,
+                    "login refused: bad user name or password"
+                ),
+                None => tracing::warn!(
+                    client_id,
+                    peer,
+                    "login refused: no user name (this broker requires one)"
+                ),
             }
         }
     }
@@ -295,14 +334,23 @@ impl LogLimit {
     fn full(&self, client_id: &str, peer: Option<SocketAddr>, max: usize) {
         if self.admit() {
             let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
-            tracing::warn!(client_id, peer, max, "connection refused: broker.max_connections reached");
+            tracing::warn!(
+                client_id,
+                peer,
+                max,
+                "connection refused: broker.max_connections reached"
+            );
         }
     }
 
     fn dropped(&self, client_id: Option<String>, topic: &str, why: &str) {
         if self.admit() {
-            tracing::warn!(client_id = client_id.as_deref().unwrap_or("?"), topic, reason = why,
-                "the broker dropped a message for a client");
+            tracing::warn!(
+                client_id = client_id.as_deref().unwrap_or("?"),
+                topic,
+                reason = why,
+                "the broker dropped a message for a client"
+            );
         }
     }
 }

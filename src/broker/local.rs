@@ -30,8 +30,8 @@ use rmqtt::context::ServerContext;
 use rmqtt::session::Session;
 use rmqtt::shared::{DefaultShared, Entry, Shared};
 use rmqtt::types::{
-    ForwardedCount, ForwardedRecipients, From, MsgID, Publish, Reason, SessionStatus,
-    SubRelations, SubRelationsMap, SubsSearchParams, SubsSearchResult, To,
+    ForwardedCount, ForwardedRecipients, From, MsgID, Publish, Reason, SessionStatus, SubRelations,
+    SubRelationsMap, SubsSearchParams, SubsSearchResult, To,
 };
 use tokio::sync::mpsc;
 
@@ -252,9 +252,15 @@ mod tests {
         let local = LocalClients::default();
         let (_, mut a) = local.add("edgebridge-a", vec!["PV/#".into()]);
         let (_, mut b) = local.add("edgebridge-b", vec!["cmd/+".into()]);
-        local.deliver("lan-client", &Message::new("PV/data", "1")).await;
-        local.deliver("edgebridge-a", &Message::new("PV/x", "own")).await;
-        local.deliver("lan-client", &Message::new("cmd/led", "on")).await;
+        local
+            .deliver("lan-client", &Message::new("PV/data", "1"))
+            .await;
+        local
+            .deliver("edgebridge-a", &Message::new("PV/x", "own"))
+            .await;
+        local
+            .deliver("lan-client", &Message::new("cmd/led", "on"))
+            .await;
         assert_eq!(a.recv().await.unwrap().payload, "1");
         assert!(a.try_recv().is_err(), "no-local: a got its own publish");
         assert_eq!(b.recv().await.unwrap().topic, "cmd/led");

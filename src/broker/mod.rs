@@ -180,12 +180,11 @@ impl EmbeddedBroker {
                             });
                         }
                     }
-                    let acceptor = tls::acceptor(&cert, &key).map_err(|source| {
-                        BrokerError::Tls {
+                    let acceptor =
+                        tls::acceptor(&cert, &key).map_err(|source| BrokerError::Tls {
                             addr: l.bind,
                             source,
-                        }
-                    })?;
+                        })?;
                     let bind_err = |e: std::io::Error| BrokerError::Bind {
                         addr: l.bind,
                         reason: e.to_string(),
@@ -193,8 +192,7 @@ impl EmbeddedBroker {
                     let public = StdListener::bind(l.bind).map_err(bind_err)?;
                     let addr = public.local_addr().map_err(bind_err)?;
                     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-                    let inner =
-                        bind(settings(b, loopback).proxy_protocol(true), l.protocol)?;
+                    let inner = bind(settings(b, loopback).proxy_protocol(true), l.protocol)?;
                     listeners.push((addr, l.protocol));
                     pending.push(Pending::Tls {
                         id,
@@ -205,7 +203,9 @@ impl EmbeddedBroker {
                 }
             }
         }
-        let retained_file = config.resolve(&config.gateway.data_dir).join("broker-retained.json");
+        let retained_file = config
+            .resolve(&config.gateway.data_dir)
+            .join("broker-retained.json");
         let broker = EmbeddedBroker {
             scx,
             local,
@@ -238,7 +238,9 @@ impl EmbeddedBroker {
                     let inner_addr = inner
                         .local_addr()
                         .map_err(|e| BrokerError::Setup(e.to_string()))?;
-                    let addr = public.local_addr().map_err(|e| BrokerError::Setup(e.to_string()))?;
+                    let addr = public
+                        .local_addr()
+                        .map_err(|e| BrokerError::Setup(e.to_string()))?;
                     public
                         .set_nonblocking(true)
                         .and_then(|()| tokio::net::TcpListener::from_std(public))
@@ -335,14 +337,7 @@ impl EmbeddedBroker {
     pub fn publisher_as(&self, client_id: &str) -> LocalPublisher {
         LocalPublisher {
             scx: self.scx.clone(),
-            id: Id::new(
-                self.scx.node.id(),
-                0,
-                None,
-                None,
-                client_id.into(),
-                None,
-            ),
+            id: Id::new(self.scx.node.id(), 0, None, None, client_id.into(), None),
         }
     }
 

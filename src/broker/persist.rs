@@ -75,8 +75,12 @@ pub fn save(file: &Path, messages: &[Message]) {
             std::fs::rename(&tmp, file)
         });
     match result {
-        Ok(()) => tracing::debug!(file = %file.display(), count = messages.len(), "retained messages saved"),
-        Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot save the retained messages"),
+        Ok(()) => {
+            tracing::debug!(file = %file.display(), count = messages.len(), "retained messages saved")
+        }
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "cannot save the retained messages")
+        }
     }
 }
 

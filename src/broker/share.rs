@@ -39,13 +39,19 @@ impl SharedSubscription for RoundRobin {
         _topic: &TopicName,
         members: &[Member],
     ) -> Option<(usize, IsOnline)> {
-        pick(self.next.fetch_add(1, Ordering::Relaxed), members.iter().map(|m| m.4))
+        pick(
+            self.next.fetch_add(1, Ordering::Relaxed),
+            members.iter().map(|m| m.4),
+        )
     }
 }
 
 /// The member for turn `turn`: the next online one from there on, or, with
 /// none online, the turn's own (its session queues the message).
-fn pick(turn: usize, online: impl ExactSizeIterator<Item = Option<IsOnline>> + Clone) -> Option<(usize, IsOnline)> {
+fn pick(
+    turn: usize,
+    online: impl ExactSizeIterator<Item = Option<IsOnline>> + Clone,
+) -> Option<(usize, IsOnline)> {
     let n = online.len();
     if n == 0 {
         return None;
@@ -65,7 +71,9 @@ mod tests {
     #[test]
     fn takes_turns_among_online_members() {
         let all = [Some(true), Some(true), Some(true)];
-        let chosen: Vec<usize> = (0..6).map(|t| pick(t, all.iter().copied()).unwrap().0).collect();
+        let chosen: Vec<usize> = (0..6)
+            .map(|t| pick(t, all.iter().copied()).unwrap().0)
+            .collect();
         assert_eq!(chosen, [0, 1, 2, 0, 1, 2]);
         let one_off = [Some(true), Some(false), Some(true)];
         assert_eq!(pick(1, one_off.iter().copied()), Some((2, true)));

@@ -35,15 +35,15 @@ pub async fn snapshot(src: &Source) -> Vec<(&'static str, String)> {
             "$SYS/broker/messages/received",
             super::local::routed().to_string(),
         ),
-        ("$SYS/broker/messages/sent", super::hooks::sent().to_string()),
+        (
+            "$SYS/broker/messages/sent",
+            super::hooks::sent().to_string(),
+        ),
         (
             "$SYS/broker/messages/dropped",
             (super::hooks::dropped() + super::local::dropped()).to_string(),
         ),
-        (
-            "$SYS/broker/subscriptions/count",
-            subscriptions.to_string(),
-        ),
+        ("$SYS/broker/subscriptions/count", subscriptions.to_string()),
     ]
 }
 
@@ -54,7 +54,9 @@ pub async fn publish_every(src: Source, interval: Duration) {
     loop {
         tick.tick().await;
         for (topic, value) in snapshot(&src).await {
-            src.broker.publish(Message::new(topic, value).retained()).await;
+            src.broker
+                .publish(Message::new(topic, value).retained())
+                .await;
         }
     }
 }

@@ -98,7 +98,9 @@ async fn carry(
     };
     let mut plain = TcpStream::connect(inner).await?;
     let _ = plain.set_nodelay(true);
-    plain.write_all(proxy_header(peer, local).as_bytes()).await?;
+    plain
+        .write_all(proxy_header(peer, local).as_bytes())
+        .await?;
     tokio::io::copy_bidirectional(&mut tls, &mut plain).await?;
     Ok(())
 }

@@ -218,10 +218,7 @@ fn describe() {
     c!(BRIDGE_DROPPED, "Messages dropped from a full queue.");
     c!(BRIDGE_REDELIVERED, "Messages sent again after a reconnect.");
     c!(RELOADS, "Config reloads, by result.");
-    c!(
-        BROKER_LOGINS_REFUSED,
-        "Logins the embedded broker refused."
-    );
+    c!(BROKER_LOGINS_REFUSED, "Logins the embedded broker refused.");
     c!(
         BROKER_ACL_DENIED,
         "Subscriptions and publishes denied by the broker's ACL, by action."

@@ -61,7 +61,9 @@ pub fn split_live(running: &Config, mut new: Config) -> (Config, Vec<&'static st
     // live; the rest of the broker (listeners, limits) needs a restart.
     let mut fixed = new.broker.clone();
     fixed.users.clone_from(&running.broker.users);
-    fixed.password_file.clone_from(&running.broker.password_file);
+    fixed
+        .password_file
+        .clone_from(&running.broker.password_file);
     fixed.acl.clone_from(&running.broker.acl);
     fixed.acl_file.clone_from(&running.broker.acl_file);
     if fixed != running.broker {

@@ -12,7 +12,7 @@ fn msg(i: usize) -> Message {
         topic: format!("PV/data/{i}"),
         payload: Bytes::from(format!("payload-{i}")),
         qos: Qos::AtLeastOnce,
-        retain: i % 2 == 0,
+        retain: i.is_multiple_of(2),
     }
 }
 
