@@ -56,6 +56,7 @@ pub struct Gate {
     /// "server unavailable" (the gateway's in-process clients never count).
     max_connections: usize,
     scx: ServerContext,
+    fence: Arc<super::fence::Fence>,
     log: Arc<LogLimit>,
     /// Logins answered "busy" (too many password checks waiting, or
     /// `max_connections` reached), by (client id, peer), so that their
@@ -70,8 +71,10 @@ impl Gate {
         access: AccessControl,
         max_payload: usize,
         max_connections: usize,
+        fence: Arc<super::fence::Fence>,
     ) -> Gate {
         Gate {
+            fence,
             access,
             max_payload,
             max_connections,
@@ -167,10 +170,19 @@ impl Handler for Gate {
                 };
                 (false, Some(HookResult::ConnectAckReason(busy)))
             }
+            Parameter::ClientSubscribe(session, sub) => {
+                self.fence.enter(&session.id.client_id, &sub.topic_filter);
+                (true, acc)
+            }
+            Parameter::SessionSubscribed(session, sub) => {
+                self.fence.leave(&session.id.client_id, &sub.topic_filter);
+                (true, acc)
+            }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
                 if self.allows(session, &sub.topic_filter, Access::Subscribe) {
                     return (true, acc);
                 }
+                self.fence.leave(&session.id.client_id, &sub.topic_filter);
                 DENIED.fetch_add(1, Ordering::Relaxed);
                 crate::ops::metrics::broker_acl_denied("subscribe");
                 tracing::debug!(client_id = %session.id.client_id,

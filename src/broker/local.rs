@@ -146,13 +146,19 @@ pub fn to_message(p: &Publish) -> Message {
 pub struct Tap {
     inner: DefaultShared,
     local: Arc<LocalClients>,
+    fence: Arc<super::fence::Fence>,
 }
 
 impl Tap {
-    pub fn new(scx: &ServerContext, local: Arc<LocalClients>) -> Tap {
+    pub fn new(
+        scx: &ServerContext,
+        local: Arc<LocalClients>,
+        fence: Arc<super::fence::Fence>,
+    ) -> Tap {
         Tap {
             inner: DefaultShared::new(Some(scx.clone())),
             local,
+            fence,
         }
     }
 }
@@ -160,7 +166,7 @@ impl Tap {
 #[async_trait]
 impl Shared for Tap {
     fn entry(&self, id: rmqtt::types::Id) -> Box<dyn Entry> {
-        self.inner.entry(id)
+        Box::new(super::takeover::Takeover(self.inner.entry(id)))
     }
 
     fn exist(&self, client_id: &str) -> bool {
@@ -174,6 +180,7 @@ impl Shared for Tap {
         publish: Publish,
     ) -> Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)> {
         RECEIVED.fetch_add(1, Ordering::Relaxed);
+        self.fence.wait().await;
         // `$SYS/...` is the broker's own chatter; no gateway part wants it.
         if !publish.topic.starts_with('$') {
             self.local

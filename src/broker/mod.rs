@@ -18,12 +18,14 @@
 //! the in-process clients (`local.rs`), `$SYS` (`sys.rs`), TLS (`tls.rs`)
 //! and keeping retained messages across restarts (`persist.rs`).
 
+mod fence;
 mod fitter;
 mod hooks;
 mod local;
 mod persist;
 mod share;
 mod sys;
+mod takeover;
 mod tls;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -131,7 +133,9 @@ impl EmbeddedBroker {
             .await
             .map_err(|e| BrokerError::Setup(format!("retained messages: {e}")))?;
         let local = Arc::new(local::LocalClients::default());
-        *scx.extends.shared_mut().await = Box::new(local::Tap::new(&scx, local.clone()));
+        let fence = Arc::new(fence::Fence::default());
+        *scx.extends.shared_mut().await =
+            Box::new(local::Tap::new(&scx, local.clone(), fence.clone()));
         *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
             max_keep_alive: u16::try_from(b.max_keep_alive.as_secs()).unwrap_or(u16::MAX),
         });
@@ -142,12 +146,15 @@ impl EmbeddedBroker {
             AccessControl::from_config(config)?,
             usize::try_from(b.max_payload_size.0).unwrap_or(usize::MAX),
             b.max_connections,
+            fence,
         );
         let register = scx.extends.hook_mgr().register();
         for typ in [
             Type::ClientAuthenticate,
             Type::ClientConnack,
+            Type::ClientSubscribe,
             Type::ClientSubscribeCheckAcl,
+            Type::SessionSubscribed,
             Type::MessagePublishCheckAcl,
             Type::MessageExpiryCheck,
             Type::MessageDelivered,
