@@ -442,7 +442,6 @@ fn shipped_config(data: &Path) -> (String, u16) {
     let port = free_port();
     let text = text
         .replace("127.0.0.1:1883", &format!("127.0.0.1:{port}"))
-        .replace("127.0.0.1:1884", &format!("127.0.0.1:{}", free_port()))
         .replace("data_dir: ./data", &format!("data_dir: {}", data.display()))
         .replace("dir: ./rules", &format!("dir: {}", rules_dir().display()));
     (text, port)

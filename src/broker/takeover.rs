@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use rmqtt::session::Session;
 use rmqtt::shared::Entry;
 use rmqtt::types::{
-    From, Id, IsAdmin, OfflineSession, Publish, Reason, Subscribe, SubscribeReturn,
-    SubsSearchResult, Tx, Unsubscribe,
+    From, Id, IsAdmin, OfflineSession, Publish, Reason, SubsSearchResult, Subscribe,
+    SubscribeReturn, Tx, Unsubscribe,
 };
 
 /// Attempts to take a session over, and the pause between them.
@@ -57,7 +57,11 @@ impl Entry for Takeover {
     ) -> rmqtt::Result<OfflineSession> {
         let mut attempt = 1;
         loop {
-            match self.0.kick(clean_start, clear_subscriptions, is_admin).await {
+            match self
+                .0
+                .kick(clean_start, clear_subscriptions, is_admin)
+                .await
+            {
                 Ok(o) => return Ok(o),
                 Err(e) if attempt >= ATTEMPTS => return Err(e),
                 Err(e) => {

@@ -185,6 +185,15 @@ pub fn warnings(config: &Config) -> Vec<Problem> {
             }
         }
     }
+    for (i, l) in b.listeners.iter().enumerate() {
+        if l.protocol == crate::config::ListenerProtocol::Mqtt5 {
+            p.add(
+                format!("broker.listeners[{i}].protocol"),
+                "`mqtt5` is deprecated: a `mqtt` listener serves MQTT 3.1, 3.1.1 and 5 on one port \
+                 (`mqtt5` still works, as a synonym)",
+            );
+        }
+    }
     p.0
 }
 
@@ -1483,6 +1492,15 @@ mod access_tests {
         assert!(crate::config::validate::warnings(&c).is_empty());
         let c = load("  listeners: [{ bind: \"127.0.0.1:1883\", protocol: mqtt }]\n").unwrap();
         assert!(crate::config::validate::warnings(&c).is_empty());
+    }
+
+    #[test]
+    fn mqtt5_listeners_load_with_a_deprecation_note() {
+        let c = load("  listeners: [{ bind: \"127.0.0.1:1884\", protocol: mqtt5 }]\n").unwrap();
+        let w = crate::config::validate::warnings(&c);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].path, "broker.listeners[0].protocol");
+        assert!(w[0].message.contains("deprecated"), "{}", w[0].message);
     }
 
     #[test]

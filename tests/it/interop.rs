@@ -17,7 +17,6 @@ async fn gateway() -> Running {
     let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"))
         .unwrap()
         .replace("127.0.0.1:1883", &format!("127.0.0.1:{port}"))
-        .replace("127.0.0.1:1884", "127.0.0.1:0")
         .replace(
             "dir: ./rules",
             concat!("dir: ", env!("CARGO_MANIFEST_DIR"), "/rules"),

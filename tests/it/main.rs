@@ -4,6 +4,7 @@
 mod support;
 
 mod bridge;
+mod broker;
 mod cli;
 mod config;
 mod drivers;

@@ -1,0 +1,406 @@
+//! The embedded broker as LAN clients meet it (issue 19): refused logins
+//! answered, the ACL of the PV site, one port for every MQTT version,
+//! delivered QoS, `$SYS`, retained messages across a restart, Mosquitto
+//! password files, and users/ACL reloaded without dropping clients. The
+//! wire-level checks use raw packets, so that what is asserted is exactly
+//! what goes over TCP.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use edgebridge::model::Qos;
+use rumqttc::{QoS, SubscribeReasonCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{self, Client};
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    remaining_length(body.len(), &mut p);
+    p.extend_from_slice(body);
+    p
+}
+
+fn string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A CONNECT (clean session, keep-alive 0) for MQTT `level` 4 or 5.
+fn connect(level: u8, id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut b = Vec::new();
+    string("MQTT", &mut b);
+    b.push(level);
+    b.push(0x02 | if login.is_some() { 0xC0 } else { 0 });
+    b.extend_from_slice(&[0, 0]);
+    if level == 5 {
+        b.push(0); // no properties
+    }
+    string(id, &mut b);
+    if let Some((u, p)) = login {
+        string(u, &mut b);
+        string(p, &mut b);
+    }
+    packet(0x10, &b)
+}
+
+/// Sends a CONNECT and returns the CONNACK's body (flags, code, ...), or
+/// `None` when the connection closed without one.
+async fn connack(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut head = [0u8; 2];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head)).await;
+    if !matches!(read, Ok(Ok(_))) || head[0] != 0x20 {
+        return None;
+    }
+    let mut body = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut body).await.ok()?;
+    Some(body)
+}
+
+fn users_yaml(extra: &str) -> String {
+    let hash = edgebridge::broker::hash_password("evse-pw").unwrap();
+    let admin = edgebridge::broker::hash_password("admin-pw").unwrap();
+    support::yaml_with_broker(extra).replace(
+        "broker:\n",
+        &format!(
+            "broker:\n  users:\n    - {{ username: evse, password_hash: \"{hash}\" }}\n    - {{ username: admin, password_hash: \"{admin}\" }}\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_logins_get_a_connack_with_the_reason() {
+    let gw = support::start(&users_yaml("")).await;
+    let addr = support::mqtt_addr(&gw);
+    let before = edgebridge::broker::logins_refused();
+    // MQTT 3.1.1: return code 5 (not authorised), as Mosquitto answers.
+    let wrong = connack(addr, &connect(4, "t-wrong", Some(("evse", "nope")))).await;
+    assert_eq!(wrong.as_deref(), Some(&[0, 5][..]), "wrong password");
+    let unknown = connack(addr, &connect(4, "t-unknown", Some(("mallory", "x")))).await;
+    assert_eq!(unknown.as_deref(), Some(&[0, 5][..]), "unknown user");
+    let anonymous = connack(addr, &connect(4, "t-anon", None)).await;
+    assert_eq!(anonymous.as_deref(), Some(&[0, 5][..]), "no credentials");
+    // MQTT 5: reason 0x86, bad user name or password.
+    let v5 = connack(addr, &connect(5, "t-wrong5", Some(("evse", "nope"))))
+        .await
+        .expect("a v5 CONNACK");
+    assert_eq!(v5[1], 0x86, "v5 reason: {v5:?}");
+    // The right password gets in on the same listener, both versions.
+    let ok = connack(addr, &connect(4, "t-ok", Some(("evse", "evse-pw")))).await;
+    assert_eq!(ok.as_deref(), Some(&[0, 0][..]));
+    let ok5 = connack(addr, &connect(5, "t-ok5", Some(("evse", "evse-pw"))))
+        .await
+        .unwrap();
+    assert_eq!(ok5[1], 0, "v5 success: {ok5:?}");
+    assert!(edgebridge::broker::logins_refused() >= before + 4);
+    gw.shutdown().await;
+}
+
+/// The README's PV site: the charger (`evse`) may read `PV/#` and nothing
+/// else; `admin` may do everything.
+fn pv_site_acl() -> &'static str {
+    "  acl:\n    - { user: evse, topic: \"PV/#\", access: read }\n    - { user: admin, topic: \"#\", access: readwrite }\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charger_reads_pv_and_nothing_else() {
+    let yaml = users_yaml(
+        "devices:\n  - { name: pv, driver: simulator, poll: 100ms, points: [{ name: power, wave: sine }] }\nmappings:\n  - { match: pv/power, topic: PV/data }\n",
+    )
+    .replace("broker:\n", &format!("broker:\n{}", pv_site_acl()));
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let denied_before = edgebridge::broker::acl_denied();
+    let mut charger = Client::connect_with(addr, "t-evse", &["PV/#"], Some(("evse", "evse-pw")))
+        .await
+        .expect("the charger logs in and may subscribe PV/#");
+    charger.expect("PV/data", Duration::from_secs(5)).await;
+
+    // A subscription outside PV/# is refused in the SUBACK (0x80).
+    let mut o = rumqttc::MqttOptions::new("t-evse-raw", addr.ip().to_string(), addr.port());
+    o.set_credentials("evse", "evse-pw");
+    let (c, mut events) = rumqttc::AsyncClient::new(o, 10);
+    c.subscribe("cmd/#", QoS::AtLeastOnce).await.unwrap();
+    c.subscribe("#", QoS::AtLeastOnce).await.unwrap();
+    let mut codes = Vec::new();
+    while codes.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)))) => {
+                codes.extend(a.return_codes)
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+    assert_eq!(codes, [SubscribeReasonCode::Failure; 2]);
+
+    // Its publish to cmd/relay never reaches the bus (the gateway's own
+    // clients are not subject to the ACL, so they would see it).
+    let mut bus = gw
+        .bus()
+        .subscribe(
+            "edgebridge-test-cmd",
+            &[("cmd/#".to_string(), Qos::AtLeastOnce)],
+        )
+        .await
+        .unwrap();
+    charger
+        .client
+        .publish("cmd/relay", QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    // admin may publish there: the bus gets admin's, not the charger's.
+    let admin = Client::connect_with(addr, "t-admin", &[], Some(("admin", "admin-pw")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    admin
+        .client
+        .publish("cmd/relay", QoS::AtLeastOnce, false, "from-admin")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), bus.recv())
+        .await
+        .expect("admin's command arrives")
+        .unwrap();
+    assert_eq!(
+        got.payload, "from-admin",
+        "the charger's publish got through"
+    );
+    assert!(edgebridge::broker::acl_denied() >= denied_before + 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_acl_and_keeps_connected_clients() {
+    let yaml = users_yaml("").replace("broker:\n", &format!("broker:\n{}", pv_site_acl()));
+    let mut gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let mut charger = Client::connect_with(addr, "t-evse", &["PV/#"], Some(("evse", "evse-pw")))
+        .await
+        .unwrap();
+    // The new ACL also lets the charger read its own status topics.
+    let reloaded = yaml.replace(
+        "    - { user: admin",
+        "    - { user: evse, topic: \"evse/#\", access: read }\n    - { user: admin",
+    );
+    gw.reload(support::config(&reloaded)).await.expect("reload");
+    let admin = Client::connect_with(addr, "t-admin", &[], Some(("admin", "admin-pw")))
+        .await
+        .unwrap();
+    admin
+        .client
+        .publish("PV/data", QoS::AtLeastOnce, false, "still here")
+        .await
+        .unwrap();
+    let got = charger.expect("PV/data", Duration::from_secs(5)).await;
+    assert_eq!(
+        got.payload, "still here",
+        "the connected charger was dropped"
+    );
+    Client::connect_with(addr, "t-evse2", &["evse/#"], Some(("evse", "evse-pw")))
+        .await
+        .expect("the new rule applies to a new subscription");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_port_serves_3_1_1_and_5_and_delivers_at_the_lower_qos() {
+    let gw = support::start(&support::yaml_with_broker("")).await;
+    let addr = support::mqtt_addr(&gw);
+    // An MQTT 5 subscriber at QoS 2 on the `mqtt` listener...
+    let mut o = rumqttc::v5::MqttOptions::new("t-v5", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5));
+    let (v5, mut events) = rumqttc::v5::AsyncClient::new(o, 10);
+    v5.subscribe("q/#", rumqttc::v5::mqttbytes::QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::SubAck(_)))) => {
+                break
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("v5 client: {other:?}"),
+        }
+    }
+    // ...gets a 3.1.1 client's QoS 0 and QoS 1 publishes at QoS 0 and 1.
+    let pub3 = Client::connect(addr, "t-v3", &[]).await;
+    pub3.client
+        .publish("q/zero", QoS::AtMostOnce, false, "0")
+        .await
+        .unwrap();
+    pub3.client
+        .publish("q/one", QoS::AtLeastOnce, false, "1")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(
+                p,
+            )))) => got.push((String::from_utf8_lossy(&p.topic).into_owned(), p.qos as u8)),
+            Ok(Ok(_)) => {}
+            other => panic!("v5 client: {other:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, [("q/one".to_string(), 1), ("q/zero".to_string(), 0)]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_topics_are_published_and_subscribing_to_them_is_fine() {
+    let yaml = support::yaml_with_broker("").replace("broker:\n", "broker:\n  sys_interval: 1s\n");
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let mut c = Client::connect(addr, "t-sys", &["$SYS/#"]).await;
+    let uptime = c.expect("$SYS/broker/uptime", Duration::from_secs(5)).await;
+    assert!(uptime.payload.ends_with(" seconds"), "{}", uptime.payload);
+    // The retained value from before this client may say 0; the next
+    // round counts it.
+    c.expect_where(Duration::from_secs(5), |g| {
+        g.topic == "$SYS/broker/clients/connected" && g.payload.parse::<u32>().unwrap_or(0) >= 1
+    })
+    .await
+    .expect("$SYS/broker/clients/connected counts this client");
+    let version = c
+        .expect("$SYS/broker/version", Duration::from_secs(5))
+        .await;
+    assert!(
+        version.payload.starts_with("edgebridge "),
+        "{}",
+        version.payload
+    );
+    // Still connected a round later.
+    c.expect("$SYS/broker/uptime", Duration::from_secs(3)).await;
+    // `#` does not match `$SYS` (MQTT 3.1.1 §4.7.2).
+    let mut all = Client::connect(addr, "t-all", &["#"]).await;
+    let sys = all
+        .drain_where(Duration::from_millis(1500), |g| g.topic.starts_with('$'))
+        .await;
+    assert!(sys.is_empty(), "{sys:?}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "gateway: {{ id: keep, data_dir: {} }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:0\", protocol: mqtt }}\n",
+        dir.path().display()
+    );
+    let gw = support::start(&yaml).await;
+    let c = Client::connect(support::mqtt_addr(&gw), "t-keep", &[]).await;
+    c.client
+        .publish("site/setpoint", QoS::AtLeastOnce, true, "42")
+        .await
+        .unwrap();
+    c.client
+        .publish("site/cleared", QoS::AtLeastOnce, true, "x")
+        .await
+        .unwrap();
+    c.client
+        .publish("site/cleared", QoS::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
+    gw.shutdown().await;
+
+    let gw = support::start(&yaml).await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-keep2", &["site/#"]).await;
+    let got = c.expect("site/setpoint", Duration::from_secs(5)).await;
+    assert_eq!((got.payload.as_str(), got.retain), ("42", true));
+    let cleared = c
+        .drain_where(Duration::from_millis(500), |g| g.topic == "site/cleared")
+        .await;
+    assert!(
+        cleared.is_empty(),
+        "a cleared retained message came back: {cleared:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mosquitto_password_file_logs_users_in() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mosquitto.passwd");
+    let yaml = support::yaml_with_broker("").replace(
+        "broker:\n",
+        &format!("broker:\n  password_file: {}\n", fixture.display()),
+    );
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    // `$7$` (PBKDF2-SHA512, what mosquitto_passwd 2.x writes) and `$6$`.
+    for user in ["evse", "legacy"] {
+        let pw = format!("{user}-pw");
+        let ok = connack(addr, &connect(4, &format!("t-{user}"), Some((user, &pw)))).await;
+        assert_eq!(ok.as_deref(), Some(&[0, 0][..]), "{user}");
+    }
+    let bad = connack(addr, &connect(4, "t-bad", Some(("evse", "wrong")))).await;
+    assert_eq!(bad.as_deref(), Some(&[0, 5][..]));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_zero_is_accepted_and_persistent_sessions_queue() {
+    let gw = support::start(&support::yaml_with_broker("")).await;
+    let addr = support::mqtt_addr(&gw);
+    // Keep-alive 0 (Paho's default): accepted.
+    let ok = connack(addr, &connect(4, "t-ka0", None)).await;
+    assert_eq!(ok.as_deref(), Some(&[0, 0][..]));
+
+    // A persistent session gets QoS 1 messages published while it was away.
+    let mut o = rumqttc::MqttOptions::new("t-persist", addr.ip().to_string(), addr.port());
+    o.set_clean_session(false);
+    let (c, mut events) = rumqttc::AsyncClient::new(o.clone(), 10);
+    c.subscribe("away/#", QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) =
+            tokio::time::timeout(Duration::from_secs(5), events.poll()).await
+        {
+            break;
+        }
+    }
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+    drop(events);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let p = Client::connect(addr, "t-pub", &[]).await;
+    p.client
+        .publish("away/1", QoS::AtLeastOnce, false, "queued")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_c, mut events) = rumqttc::AsyncClient::new(o, 10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                assert_eq!(p.payload, "queued");
+                break;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("the queued message never came: {other:?}"),
+        }
+    }
+    gw.shutdown().await;
+}
