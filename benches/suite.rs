@@ -837,7 +837,7 @@ fn dir_tmp() -> PathBuf {
 /// minute or at a quarter of the run, peak, final).
 async fn watch_rss(pid: u32, secs: u64, every: Duration) -> (u64, ProcStats, Vec<u64>) {
     let start = Instant::now();
-    // Warm-up: rumqttd's per-filter logs and the allocator's arenas fill up
+    // Warm-up: the broker's buffers and the allocator's arenas fill up
     // to their bounds in the first minutes; growth is measured after it.
     let settle = Duration::from_secs(secs / 4);
     let mut settled = 0;

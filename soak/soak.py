@@ -275,11 +275,11 @@ class Churn:
 
 
 def warm_up(port):
-    """Brings the embedded broker's per-filter logs to their steady size
-    before memory is measured. rumqttd keeps the last 4 x 256 KiB of
-    messages of every subscribed filter (bounded, see BENCHMARKS.md); at
-    the soak's own rate (about 30 messages a second) they take hours to
-    fill, and that filling would look like a leak. A subscriber on `#`
+    """Brings the gateway's buffers and the allocator's arenas to their
+    steady size before memory is measured (the rumqttd engine kept 4 x 256
+    KiB per subscribed filter; rmqtt keeps no such log, but queues and
+    arenas still settle); at the soak's own rate (about 30 messages a
+    second) that takes long, and the filling would look like a leak. A subscriber on `#`
     makes the filter the slow subscriber uses later; the payloads are not
     numbers, so the sequence checks ignore them."""
     log("warm-up: filling the broker's per-filter logs")
@@ -498,7 +498,7 @@ bridges:
     with open(f"{d}/config.yaml", "w") as f:
         f.write(config)
     gw_log = open(f"{out_dir}/gateway.log", "w")
-    env = dict(os.environ, EDGEBRIDGE_LOG="info,rumqttd=warn,rumqttd::router=off")
+    env = dict(os.environ, EDGEBRIDGE_LOG="info,rmqtt=warn")
     # As under systemd: a panic backtrace would make a debug binary load
     # ~170 MiB of debug info and hide the real memory curve.
     env.pop("RUST_BACKTRACE", None)
@@ -573,8 +573,8 @@ bridges:
             time.sleep(1)
         time.sleep(3)
         m_end = metrics(ports["metrics"])
-        # Local clients must still get in at the end (rumqttd 0.20 can
-        # poison a listener: see SOAK.md).
+        # Local clients must still get in at the end (the old rumqttd
+        # engine could poison a listener: see SOAK.md).
         try:
             mqtt_connect(ports["local"], "soak-final-check").close()
             final_connect = "ok"
