@@ -1243,7 +1243,10 @@ async fn a_burst_from_one_lan_publisher_reaches_the_bridge() {
                 _ => break,
             }
         }
-        eprintln!("burst, QoS {qos}: {} of {n} arrived at the cloud", got.len());
+        eprintln!(
+            "burst, QoS {qos}: {} of {n} arrived at the cloud",
+            got.len()
+        );
         assert!(
             got.len() >= needed,
             "QoS {qos}: {} of {n} arrived (needed {needed})\n{}",

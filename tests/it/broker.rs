@@ -404,3 +404,71 @@ async fn keep_alive_zero_is_accepted_and_persistent_sessions_queue() {
     }
     gw.shutdown().await;
 }
+
+/// A `tls:` listener serves MQTT over TLS (rustls with ring, our own
+/// front); a refused login there is logged with the client's real address.
+/// The certificates come from the Mosquitto test support (openssl CLI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and openssl (test certificates): run by .ci/run"]
+async fn a_tls_listener_serves_mqtt_and_logs_the_real_peer() {
+    use crate::support::mosquitto::{Mosquitto, Security};
+    let mut m = Mosquitto::start(Security::Tls);
+    let certs = m.certs().unwrap().clone();
+    m.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let hash = edgebridge::broker::hash_password("evse-pw").unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!(
+            "gateway: {{ id: tls-gw, data_dir: {data} }}\nbroker:\n  users:\n    - {{ username: evse, password_hash: \"{hash}\" }}\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt, tls: {{ cert: {cert}, key: {key} }} }}\n",
+            data = dir.path().join("data").display(),
+            cert = certs.server_cert.display(),
+            key = certs.server_key.display(),
+        ),
+    )
+    .unwrap();
+    let bin = support::Binary::spawn(&["run"], dir.path());
+    support::wait_port(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let tls = edgebridge::bridge::mqtt::client_config(Some(&certs.ca), None).unwrap();
+    let connect = |id: &str, pw: &str| {
+        let mut o = rumqttc::MqttOptions::new(id, "localhost", port);
+        o.set_credentials("evse", pw);
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls.clone())),
+        ));
+        rumqttc::AsyncClient::new(o, 10)
+    };
+    let (_ok, mut events) = connect("t-tls", "evse-pw");
+    match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+            assert_eq!(a.code, rumqttc::ConnectReturnCode::Success)
+        }
+        other => panic!("no CONNACK over TLS: {other:?}\n{}", bin.stderr()),
+    }
+    let (_bad, mut events) = connect("t-tls-bad", "wrong");
+    let refused = tokio::time::timeout(Duration::from_secs(10), events.poll()).await;
+    assert!(
+        matches!(
+            refused,
+            Ok(Err(rumqttc::ConnectionError::ConnectionRefused(_)))
+        ),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = bin.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("login refused") && l.contains("t-tls-bad"))
+        .unwrap_or_else(|| panic!("no refusal line:\n{log}"));
+    assert!(
+        line.contains("user=\"evse\"") || line.contains("user=evse"),
+        "{line}"
+    );
+    assert!(line.contains("peer=\"127.0.0.1:"), "{line}");
+    assert!(!line.contains("wrong"), "the password was logged: {line}");
+}
