@@ -52,8 +52,8 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Messages routed by the broker (every publish, from any client).
-pub fn routed() -> u64 {
+/// Messages the broker received from its network clients (wills included).
+pub fn received() -> u64 {
     RECEIVED.load(Ordering::Relaxed)
 }
 
@@ -179,7 +179,12 @@ impl Shared for Tap {
         from: From,
         publish: Publish,
     ) -> Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)> {
-        RECEIVED.fetch_add(1, Ordering::Relaxed);
+        // Mosquitto's `messages/received` counts what clients sent; the
+        // gateway's own publishes (`from_system`, see `LocalPublisher`) are
+        // not received.
+        if !from.is_system() {
+            RECEIVED.fetch_add(1, Ordering::Relaxed);
+        }
         self.fence.wait().await;
         // `$SYS/...` is the broker's own chatter; no gateway part wants it.
         if !publish.topic.starts_with('$') {

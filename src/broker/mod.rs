@@ -504,7 +504,7 @@ impl LocalPublisher {
             delay_interval: None,
             create_time: Some(rmqtt::utils::timestamp_millis()),
         };
-        let from = Origin::from_custom(self.id.clone());
+        let from = Origin::from_system(self.id.clone());
         if let Err(e) = SessionState::forwards(&self.scx, from, publish, false, None).await {
             tracing::warn!(error = %e, "the broker did not take an in-process publish");
         }

@@ -33,7 +33,7 @@ pub async fn snapshot(src: &Source) -> Vec<(&'static str, String)> {
         ("$SYS/broker/clients/active", clients.to_string()),
         (
             "$SYS/broker/messages/received",
-            super::local::routed().to_string(),
+            super::local::received().to_string(),
         ),
         (
             "$SYS/broker/messages/sent",
