@@ -13,7 +13,7 @@ use rmqtt::codec::types::MQTT_LEVEL_5;
 use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
-use rmqtt::types::{AuthResult, ConnectAckReason, PublishAclResult, Reason, SubscribeAclResult};
+use rmqtt::types::{AuthResult, PublishAclResult, Reason, SubscribeAclResult};
 
 use crate::access::{Access, AccessControl, Login};
 
@@ -44,7 +44,15 @@ pub fn dropped() -> u64 {
 }
 
 /// A connection in its handshake: client id and peer.
-type Connecting = (String, Option<SocketAddr>);
+pub type Connecting = (String, Option<SocketAddr>);
+
+/// Connections to be answered "server unavailable" (3.1.1: CONNACK 3; 5:
+/// 0x88) and closed. rmqtt's login hook can only accept or refuse as "not
+/// authorised", which clients take as final, so such a login is accepted
+/// there and the connection is stopped at the next step, before anything
+/// else happens: taking the client id's session entry (`takeover.rs`), which
+/// fails for every connection in this set.
+pub type Unavailable = Arc<Mutex<HashSet<Connecting>>>;
 
 /// Our side of the broker's hooks; clones share everything.
 #[derive(Clone)]
@@ -59,10 +67,9 @@ pub struct Gate {
     fence: Arc<super::fence::Fence>,
     log: Arc<LogLimit>,
     /// Logins answered "busy" (too many password checks waiting, or
-    /// `max_connections` reached), by (client id, peer), so that their
-    /// CONNACK says "server unavailable" (3.1.1) / "server busy" (5) and the
-    /// client retries, rather than "not authorised".
-    busy: Arc<Mutex<HashSet<Connecting>>>,
+    /// `max_connections` reached), so that the client retries (see
+    /// [`Unavailable`]).
+    busy: Unavailable,
 }
 
 impl Gate {
@@ -72,15 +79,16 @@ impl Gate {
         max_payload: usize,
         max_connections: usize,
         fence: Arc<super::fence::Fence>,
+        busy: Unavailable,
     ) -> Gate {
         Gate {
             fence,
+            busy,
             access,
             max_payload,
             max_connections,
             scx,
             log: Arc::default(),
-            busy: Arc::default(),
         }
     }
 
@@ -110,9 +118,10 @@ impl Handler for Gate {
                         self.max_connections,
                     );
                     lock(&self.busy).insert((info.client_id().to_string(), info.id().remote_addr));
+                    // Stopped right after this hook: see `Unavailable`.
                     return (
                         false,
-                        Some(HookResult::AuthResult(AuthResult::NotAuthorized)),
+                        Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
                     );
                 }
                 if !self.access.requires_login() {
@@ -142,6 +151,11 @@ impl Handler for Gate {
                     Login::Busy => {
                         self.log.busy(user.as_deref(), &client_id, peer);
                         lock(&self.busy).insert((client_id, peer));
+                        // Stopped right after this hook: see `Unavailable`.
+                        return (
+                            false,
+                            Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
+                        );
                     }
                     Login::Refused => {
                         REFUSED.fetch_add(1, Ordering::Relaxed);
@@ -157,18 +171,6 @@ impl Handler for Gate {
                     AuthResult::NotAuthorized
                 };
                 (false, Some(HookResult::AuthResult(result)))
-            }
-            Parameter::ClientConnack(info, _) => {
-                let key = (info.client_id().to_string(), info.id().remote_addr);
-                if !lock(&self.busy).remove(&key) {
-                    return (true, acc);
-                }
-                let busy = if info.proto_ver() == MQTT_LEVEL_5 {
-                    ConnectAckReason::V5(rmqtt::codec::v5::ConnectAckReason::ServerBusy)
-                } else {
-                    ConnectAckReason::V3(rmqtt::codec::v3::ConnectAckReason::ServiceUnavailable)
-                };
-                (false, Some(HookResult::ConnectAckReason(busy)))
             }
             Parameter::ClientSubscribe(session, sub) => {
                 self.fence.enter(&session.id.client_id, &sub.topic_filter);
@@ -370,4 +372,9 @@ impl LogLimit {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the set is whole.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes `connecting` out of `set`; whether it was there.
+pub fn take(set: &Unavailable, connecting: &Connecting) -> bool {
+    lock(set).remove(connecting)
 }

@@ -147,6 +147,7 @@ pub struct Tap {
     inner: DefaultShared,
     local: Arc<LocalClients>,
     fence: Arc<super::fence::Fence>,
+    unavailable: super::hooks::Unavailable,
 }
 
 impl Tap {
@@ -154,11 +155,13 @@ impl Tap {
         scx: &ServerContext,
         local: Arc<LocalClients>,
         fence: Arc<super::fence::Fence>,
+        unavailable: super::hooks::Unavailable,
     ) -> Tap {
         Tap {
             inner: DefaultShared::new(Some(scx.clone())),
             local,
             fence,
+            unavailable,
         }
     }
 }
@@ -166,7 +169,10 @@ impl Tap {
 #[async_trait]
 impl Shared for Tap {
     fn entry(&self, id: rmqtt::types::Id) -> Box<dyn Entry> {
-        Box::new(super::takeover::Takeover(self.inner.entry(id)))
+        Box::new(super::takeover::Takeover {
+            inner: self.inner.entry(id),
+            unavailable: self.unavailable.clone(),
+        })
     }
 
     fn exist(&self, client_id: &str) -> bool {

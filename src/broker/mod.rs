@@ -134,8 +134,13 @@ impl EmbeddedBroker {
             .map_err(|e| BrokerError::Setup(format!("retained messages: {e}")))?;
         let local = Arc::new(local::LocalClients::default());
         let fence = Arc::new(fence::Fence::default());
-        *scx.extends.shared_mut().await =
-            Box::new(local::Tap::new(&scx, local.clone(), fence.clone()));
+        let unavailable = hooks::Unavailable::default();
+        *scx.extends.shared_mut().await = Box::new(local::Tap::new(
+            &scx,
+            local.clone(),
+            fence.clone(),
+            unavailable.clone(),
+        ));
         *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
             max_keep_alive: u16::try_from(b.max_keep_alive.as_secs()).unwrap_or(u16::MAX),
         });
@@ -147,11 +152,11 @@ impl EmbeddedBroker {
             usize::try_from(b.max_payload_size.0).unwrap_or(usize::MAX),
             b.max_connections,
             fence,
+            unavailable,
         );
         let register = scx.extends.hook_mgr().register();
         for typ in [
             Type::ClientAuthenticate,
-            Type::ClientConnack,
             Type::ClientSubscribe,
             Type::ClientSubscribeCheckAcl,
             Type::SessionSubscribed,

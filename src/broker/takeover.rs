@@ -6,6 +6,7 @@
 //! reply as a failure and answers the new client "server unavailable".
 //! This wrapper around rmqtt's session entries asks again for a short
 //! while: by then the old session is gone and the takeover goes through.
+//! It is also where a login answered "busy" is stopped (`hooks.rs`).
 
 use std::time::Duration;
 
@@ -21,32 +22,46 @@ use rmqtt::types::{
 const ATTEMPTS: u32 = 25;
 const PAUSE: Duration = Duration::from_millis(20);
 
-pub struct Takeover(pub Box<dyn Entry>);
+pub struct Takeover {
+    pub inner: Box<dyn Entry>,
+    /// Connections to refuse as "server unavailable" here (see
+    /// `hooks::Unavailable`): taking the entry is the first thing rmqtt does
+    /// after the login hook, for MQTT 3.1.1 and 5 alike.
+    pub unavailable: super::hooks::Unavailable,
+}
 
 #[async_trait]
 impl Entry for Takeover {
     async fn try_lock(&self) -> rmqtt::Result<Box<dyn Entry>> {
-        Ok(Box::new(Takeover(self.0.try_lock().await?)))
+        let id = self.inner.id();
+        let connecting = (id.client_id.to_string(), id.remote_addr);
+        if super::hooks::take(&self.unavailable, &connecting) {
+            return Err(anyhow::anyhow!("server busy: the client is asked to retry"));
+        }
+        Ok(Box::new(Takeover {
+            inner: self.inner.try_lock().await?,
+            unavailable: self.unavailable.clone(),
+        }))
     }
 
     fn id(&self) -> Id {
-        self.0.id()
+        self.inner.id()
     }
 
     fn id_same(&self) -> Option<bool> {
-        self.0.id_same()
+        self.inner.id_same()
     }
 
     async fn set(&mut self, session: Session, tx: Tx) -> rmqtt::Result<()> {
-        self.0.set(session, tx).await
+        self.inner.set(session, tx).await
     }
 
     async fn remove(&mut self) -> rmqtt::Result<Option<(Session, Tx)>> {
-        self.0.remove().await
+        self.inner.remove().await
     }
 
     async fn remove_with(&mut self, id: &Id) -> rmqtt::Result<Option<(Session, Tx)>> {
-        self.0.remove_with(id).await
+        self.inner.remove_with(id).await
     }
 
     async fn kick(
@@ -58,7 +73,7 @@ impl Entry for Takeover {
         let mut attempt = 1;
         loop {
             match self
-                .0
+                .inner
                 .kick(clean_start, clear_subscriptions, is_admin)
                 .await
             {
@@ -74,38 +89,38 @@ impl Entry for Takeover {
     }
 
     async fn online(&self) -> bool {
-        self.0.online().await
+        self.inner.online().await
     }
 
     async fn is_connected(&self) -> bool {
-        self.0.is_connected().await
+        self.inner.is_connected().await
     }
 
     fn session(&self) -> Option<Session> {
-        self.0.session()
+        self.inner.session()
     }
 
     fn exist(&self) -> bool {
-        self.0.exist()
+        self.inner.exist()
     }
 
     fn tx(&self) -> Option<Tx> {
-        self.0.tx()
+        self.inner.tx()
     }
 
     async fn subscribe(&self, subscribe: &Subscribe) -> rmqtt::Result<SubscribeReturn> {
-        self.0.subscribe(subscribe).await
+        self.inner.subscribe(subscribe).await
     }
 
     async fn unsubscribe(&self, unsubscribe: &Unsubscribe) -> rmqtt::Result<bool> {
-        self.0.unsubscribe(unsubscribe).await
+        self.inner.unsubscribe(unsubscribe).await
     }
 
     async fn publish(&self, from: From, p: Publish) -> Result<(), (From, Publish, Reason)> {
-        self.0.publish(from, p).await
+        self.inner.publish(from, p).await
     }
 
     async fn subscriptions(&self) -> Option<Vec<SubsSearchResult>> {
-        self.0.subscriptions().await
+        self.inner.subscriptions().await
     }
 }

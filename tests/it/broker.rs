@@ -472,3 +472,42 @@ async fn a_tls_listener_serves_mqtt_and_logs_the_real_peer() {
     assert!(line.contains("peer=\"127.0.0.1:"), "{line}");
     assert!(!line.contains("wrong"), "the password was logged: {line}");
 }
+
+/// Beyond `max_connections` a client is told "server unavailable" (it
+/// retries), not "not authorised" (which clients take as final), and it is
+/// not let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_max_connections_are_told_to_retry() {
+    let yaml = users_yaml("").replace("broker:\n", "broker:\n  max_connections: 2\n");
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let login = Some(("evse", "evse-pw"));
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect(4, &format!("t-held{i}"), login))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [0x20, 2, 0, 0]);
+        held.push(s);
+    }
+    let v3 = connack(addr, &connect(4, "t-third", login)).await;
+    assert_eq!(
+        v3.as_deref(),
+        Some(&[0, 3][..]),
+        "3.1.1: server unavailable"
+    );
+    let v5 = connack(addr, &connect(5, "t-third5", login)).await.unwrap();
+    assert_eq!(v5[1], 0x88, "5: server unavailable, got {v5:?}");
+    // Even a client id already connected is not taken over.
+    let same = connack(addr, &connect(4, "t-held0", login)).await;
+    assert_eq!(same.as_deref(), Some(&[0, 3][..]));
+    let mut buf = [0u8; 1];
+    held[0].set_nodelay(true).unwrap();
+    let still = tokio::time::timeout(Duration::from_millis(300), held[0].read(&mut buf)).await;
+    assert!(still.is_err(), "the held connection was closed: {still:?}");
+    drop(held);
+    gw.shutdown().await;
+}
