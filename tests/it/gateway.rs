@@ -256,6 +256,7 @@ async fn missing_tls_certificate_is_a_clear_startup_error() {
     );
 }
 
+/// `ws` serves MQTT 3.1.1 and 5 on one port, as `mqtt` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_listener_serves_data() {
     let yaml = support::yaml_with_broker(SOLAR).replace(
@@ -282,6 +283,30 @@ async fn websocket_listener_serves_data() {
     })
     .await
     .expect("a PV/data publish over WebSocket");
+    assert_eq!(&got[..], b"2.5");
+
+    // The same listener speaks MQTT 5 too.
+    let mut o = rumqttc::v5::MqttOptions::new("t-ws5", format!("ws://{addr}/mqtt"), addr.port());
+    o.set_transport(rumqttc::Transport::Ws);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    client
+        .subscribe("PV/data", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(
+                    p,
+                ))) => return p.payload,
+                Ok(_) => {}
+                Err(e) => panic!("MQTT 5 websocket client: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a PV/data publish over WebSocket, MQTT 5");
     assert_eq!(&got[..], b"2.5");
     gw.shutdown().await;
 }
