@@ -511,3 +511,88 @@ async fn clients_beyond_max_connections_are_told_to_retry() {
     drop(held);
     gw.shutdown().await;
 }
+
+/// A QoS 2 publisher with 65 535 messages in flight (every packet id in
+/// use, no PUBREL yet) is not disconnected: MQTT 3.1.1 clients cannot
+/// learn a limit. Then each is released and delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_publisher_may_use_every_packet_id() {
+    const N: u16 = u16::MAX;
+    let gw = support::start(&support::yaml_with_broker("")).await;
+    let addr = support::mqtt_addr(&gw);
+    let mut bus = gw
+        .bus()
+        .subscribe(
+            "edgebridge-test-q2",
+            &[("q2/#".to_string(), Qos::ExactlyOnce)],
+        )
+        .await
+        .unwrap();
+    // The bus is read all along, as the bridges read it (a full in-process
+    // subscriber holds publishers back).
+    let reader = tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < usize::from(N) {
+            let m = tokio::time::timeout(Duration::from_secs(60), bus.recv())
+                .await
+                .expect("all delivered")
+                .unwrap();
+            assert!(
+                seen.insert(m.payload.to_vec()),
+                "delivered twice: {:?}",
+                m.payload
+            );
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(300), bus.recv()).await;
+        assert!(extra.is_err(), "a message was delivered again: {extra:?}");
+    });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect(4, "t-q2", None)).await.unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut all = Vec::new();
+        for id in 1..=N {
+            let mut b = Vec::new();
+            string("q2/x", &mut b);
+            b.extend_from_slice(&id.to_be_bytes());
+            b.extend_from_slice(&id.to_be_bytes());
+            all.extend(packet(0x34, &b)); // PUBLISH, QoS 2
+        }
+        wr.write_all(&all).await.unwrap();
+        wr
+    });
+    // One PUBREC per packet id, and the connection stays open.
+    let mut recs = 0u32;
+    let mut frame = [0u8; 4];
+    while recs < u32::from(N) {
+        tokio::time::timeout(Duration::from_secs(30), rd.read_exact(&mut frame))
+            .await
+            .unwrap_or_else(|_| panic!("only {recs} PUBRECs"))
+            .unwrap_or_else(|e| panic!("disconnected after {recs} PUBRECs: {e}"));
+        assert_eq!(frame[0], 0x50, "not a PUBREC: {frame:?}");
+        recs += 1;
+    }
+    let mut wr = writer.await.unwrap();
+    let rels: Vec<u8> = (1..=N)
+        .flat_map(|id| {
+            let [a, b] = id.to_be_bytes();
+            [0x62, 2, a, b]
+        })
+        .collect();
+    wr.write_all(&rels).await.unwrap();
+    let mut comps = 0u32;
+    while comps < u32::from(N) {
+        tokio::time::timeout(Duration::from_secs(30), rd.read_exact(&mut frame))
+            .await
+            .expect("PUBCOMP")
+            .unwrap();
+        assert_eq!(frame[0], 0x70, "not a PUBCOMP: {frame:?}");
+        comps += 1;
+    }
+    // Exactly once each.
+    reader.await.unwrap();
+    gw.shutdown().await;
+}
