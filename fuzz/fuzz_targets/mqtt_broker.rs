@@ -25,6 +25,15 @@ broker:
 fn gateway() -> &'static (SocketAddr, SocketAddr) {
     static ADDRS: OnceLock<(SocketAddr, SocketAddr)> = OnceLock::new();
     ADDRS.get_or_init(|| {
+        // The broker closes a connection on a malformed packet, and writing
+        // the rest of the input then raises SIGPIPE. A Rust `main` ignores
+        // it, libFuzzer's does not: ignore it here, so the write fails with
+        // EPIPE as in the gateway's own process.
+        // SAFETY: setting a signal's disposition to SIG_IGN before any other
+        // thread of ours runs; no handler code is involved.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
