@@ -38,8 +38,22 @@ impl Entry for Takeover {
         if super::hooks::take(&self.unavailable, &connecting) {
             return Err(anyhow::anyhow!("server busy: the client is asked to retry"));
         }
+        // Another handshake for the same client id (one that reset its
+        // connection a moment ago) may still hold the id; wait for it a
+        // little rather than answer "server unavailable" at once.
+        let mut attempt = 1;
+        let inner = loop {
+            match self.inner.try_lock().await {
+                Ok(locked) => break locked,
+                Err(e) if attempt >= ATTEMPTS => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(PAUSE).await;
+                }
+            }
+        };
         Ok(Box::new(Takeover {
-            inner: self.inner.try_lock().await?,
+            inner,
             unavailable: self.unavailable.clone(),
         }))
     }
