@@ -14,28 +14,7 @@ use rumqttc::{QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{self, Client};
-
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header];
-    remaining_length(body.len(), &mut p);
-    p.extend_from_slice(body);
-    p
-}
+use crate::support::{self, packet, Client};
 
 fn string(s: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());

@@ -308,25 +308,7 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
     body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     body.extend_from_slice(client_id.as_bytes());
-    packet(0x10, &body)
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        p.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    p.extend_from_slice(body);
-    p
+    support::packet(0x10, &body)
 }
 
 /// Connects raw; `true` when a successful CONNACK came back.
@@ -356,7 +338,7 @@ async fn payload_and_connection_limits_hold_and_others_keep_being_served() {
     assert!(ok);
     let mut body = vec![0, 5, b'b', b'i', b'g', b'/', b'x'];
     body.extend(std::iter::repeat_n(b'z', 2048));
-    big.write_all(&packet(0x30, &body)).await.unwrap();
+    big.write_all(&support::packet(0x30, &body)).await.unwrap();
     let mut buf = [0u8; 16];
     let closed = tokio::time::timeout(Duration::from_secs(5), big.read(&mut buf)).await;
     assert!(
@@ -494,7 +476,7 @@ async fn a_packet_that_panics_rumqttds_mqtt5_decoder_kills_only_its_connection()
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0];
     body.extend_from_slice(&[0, 8]);
     body.extend_from_slice(b"t-after5");
-    s.write_all(&packet(0x10, &body)).await.unwrap();
+    s.write_all(&support::packet(0x10, &body)).await.unwrap();
     let mut ack = [0u8; 2];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack))
         .await

@@ -253,3 +253,23 @@ pub async fn wait_port(addr: SocketAddr, within: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A raw MQTT packet: fixed header byte, remaining length, body (for tests
+/// that assert exactly what goes over TCP).
+pub fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
