@@ -541,14 +541,6 @@ impl LocalSubscription {
             None => self.rx.recv().await,
         }
     }
-
-    /// [`LocalSubscription::recv`] for a thread outside the runtime.
-    pub fn blocking_recv(&mut self) -> Option<Message> {
-        match self.retained.pop_front() {
-            Some(m) => Some(m),
-            None => self.rx.blocking_recv(),
-        }
-    }
 }
 
 /// Unregisters the subscriber when the subscription is dropped.
