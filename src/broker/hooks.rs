@@ -2,7 +2,6 @@
 //! subscribe and publish where, and the counting of what the broker drops.
 //! rmqtt calls these at its hook points; everything here is ours.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +14,7 @@ use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
 use rmqtt::types::{AuthResult, PublishAclResult, Reason, SubscribeAclResult};
 
+use super::admission::Admission;
 use crate::access::{Access, AccessControl, Login};
 
 /// Messages delivered to network clients (for `$SYS/broker/messages/sent`).
@@ -43,33 +43,20 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// A connection in its handshake: client id and peer.
-pub type Connecting = (String, Option<SocketAddr>);
-
-/// Connections to be answered "server unavailable" (3.1.1: CONNACK 3; 5:
-/// 0x88) and closed. rmqtt's login hook can only accept or refuse as "not
-/// authorised", which clients take as final, so such a login is accepted
-/// there and the connection is stopped at the next step, before anything
-/// else happens: taking the client id's session entry (`takeover.rs`), which
-/// fails for every connection in this set.
-pub type Unavailable = Arc<Mutex<HashSet<Connecting>>>;
-
 /// Our side of the broker's hooks; clones share everything.
 #[derive(Clone)]
 pub struct Gate {
     access: AccessControl,
     /// `broker.max_payload_size`: a larger publish disconnects its sender.
     max_payload: usize,
-    /// `broker.max_connections`: network clients beyond it are answered
-    /// "server unavailable" (the gateway's in-process clients never count).
-    max_connections: usize,
     scx: ServerContext,
     fence: Arc<super::fence::Fence>,
     log: Arc<LogLimit>,
-    /// Logins answered "busy" (too many password checks waiting, or
-    /// `max_connections` reached), so that the client retries (see
-    /// [`Unavailable`]).
-    busy: Unavailable,
+    /// `broker.max_connections` (network clients beyond it are answered
+    /// "server unavailable"; the gateway's in-process clients never count)
+    /// and logins answered "busy" (too many password checks waiting), so
+    /// that the client retries.
+    admission: Arc<Admission>,
 }
 
 impl Gate {
@@ -77,16 +64,14 @@ impl Gate {
         scx: ServerContext,
         access: AccessControl,
         max_payload: usize,
-        max_connections: usize,
         fence: Arc<super::fence::Fence>,
-        busy: Unavailable,
+        admission: Arc<Admission>,
     ) -> Gate {
         Gate {
             fence,
-            busy,
+            admission,
             access,
             max_payload,
-            max_connections,
             scx,
             log: Arc::default(),
         }
@@ -110,52 +95,36 @@ impl Handler for Gate {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let connected = usize::try_from(self.scx.connections.count()).unwrap_or(0);
-                if connected >= self.max_connections {
-                    self.log.full(
-                        info.client_id().as_ref(),
-                        info.id().remote_addr,
-                        self.max_connections,
-                    );
-                    lock(&self.busy).insert((info.client_id().to_string(), info.id().remote_addr));
-                    // Stopped right after this hook: see `Unavailable`.
-                    return (
-                        false,
-                        Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                    );
-                }
-                if !self.access.requires_login() {
-                    return (
-                        false,
-                        Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                    );
-                }
+                let allow = Some(HookResult::AuthResult(AuthResult::Allow(false, None)));
+                let id = info.id();
                 let user = info.username().map(|u| u.to_string());
-                let peer = info.id().remote_addr;
-                let login = self
-                    .access
-                    .authenticate(
-                        peer.map(|p| p.ip()),
-                        user.as_deref(),
-                        info.password().map(|p| p.as_ref()),
-                    )
-                    .await;
-                let client_id = info.client_id().to_string();
+                let peer = id.remote_addr;
+                let client_id = id.client_id.to_string();
+                let login = if self.access.requires_login() {
+                    self.access
+                        .authenticate(
+                            peer.map(|p| p.ip()),
+                            user.as_deref(),
+                            info.password().map(|p| p.as_ref()),
+                        )
+                        .await
+                } else {
+                    Login::Accepted
+                };
                 match login {
                     Login::Accepted => {
-                        return (
-                            false,
-                            Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                        )
+                        if !self.admission.take(&self.scx, id).await {
+                            self.log.full(&client_id, peer, self.admission.max());
+                            // Stopped right after this hook: see `Admission`.
+                            self.admission.mark_unavailable(id);
+                        }
+                        return (false, allow);
                     }
                     Login::Busy => {
                         self.log.busy(user.as_deref(), &client_id, peer);
-                        lock(&self.busy).insert((client_id, peer));
-                        // Stopped right after this hook: see `Unavailable`.
-                        return (
-                            false,
-                            Some(HookResult::AuthResult(AuthResult::Allow(false, None))),
-                        );
+                        // Stopped right after this hook: see `Admission`.
+                        self.admission.mark_unavailable(id);
+                        return (false, allow);
                     }
                     Login::Refused => {
                         REFUSED.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +140,10 @@ impl Handler for Gate {
                     AuthResult::NotAuthorized
                 };
                 (false, Some(HookResult::AuthResult(result)))
+            }
+            Parameter::ClientDisconnected(session, _) => {
+                self.admission.give_back(&session.id);
+                (true, acc)
             }
             Parameter::ClientSubscribe(session, sub) => {
                 self.fence.enter(&session.id.client_id, &sub.topic_filter);
@@ -367,14 +340,4 @@ impl LogLimit {
             );
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock only means a panic elsewhere; the set is whole.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Takes `connecting` out of `set`; whether it was there.
-pub fn take(set: &Unavailable, connecting: &Connecting) -> bool {
-    lock(set).remove(connecting)
 }

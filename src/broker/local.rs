@@ -147,7 +147,7 @@ pub struct Tap {
     inner: DefaultShared,
     local: Arc<LocalClients>,
     fence: Arc<super::fence::Fence>,
-    unavailable: super::hooks::Unavailable,
+    admission: Arc<super::admission::Admission>,
 }
 
 impl Tap {
@@ -155,13 +155,13 @@ impl Tap {
         scx: &ServerContext,
         local: Arc<LocalClients>,
         fence: Arc<super::fence::Fence>,
-        unavailable: super::hooks::Unavailable,
+        admission: Arc<super::admission::Admission>,
     ) -> Tap {
         Tap {
             inner: DefaultShared::new(Some(scx.clone())),
             local,
             fence,
-            unavailable,
+            admission,
         }
     }
 }
@@ -171,7 +171,7 @@ impl Shared for Tap {
     fn entry(&self, id: rmqtt::types::Id) -> Box<dyn Entry> {
         Box::new(super::takeover::Takeover {
             inner: self.inner.entry(id),
-            unavailable: self.unavailable.clone(),
+            admission: self.admission.clone(),
         })
     }
 

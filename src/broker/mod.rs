@@ -18,6 +18,7 @@
 //! the in-process clients (`local.rs`), `$SYS` (`sys.rs`), TLS (`tls.rs`)
 //! and keeping retained messages across restarts (`persist.rs`).
 
+mod admission;
 mod fence;
 mod fitter;
 mod hooks;
@@ -134,12 +135,12 @@ impl EmbeddedBroker {
             .map_err(|e| BrokerError::Setup(format!("retained messages: {e}")))?;
         let local = Arc::new(local::LocalClients::default());
         let fence = Arc::new(fence::Fence::default());
-        let unavailable = hooks::Unavailable::default();
+        let admission = Arc::new(admission::Admission::new(b.max_connections));
         *scx.extends.shared_mut().await = Box::new(local::Tap::new(
             &scx,
             local.clone(),
             fence.clone(),
-            unavailable.clone(),
+            admission.clone(),
         ));
         *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
             max_keep_alive: u16::try_from(b.max_keep_alive.as_secs()).unwrap_or(u16::MAX),
@@ -150,13 +151,13 @@ impl EmbeddedBroker {
             scx.clone(),
             AccessControl::from_config(config)?,
             usize::try_from(b.max_payload_size.0).unwrap_or(usize::MAX),
-            b.max_connections,
             fence,
-            unavailable,
+            admission,
         );
         let register = scx.extends.hook_mgr().register();
         for typ in [
             Type::ClientAuthenticate,
+            Type::ClientDisconnected,
             Type::ClientSubscribe,
             Type::ClientSubscribeCheckAcl,
             Type::SessionSubscribed,

@@ -25,17 +25,17 @@ const PAUSE: Duration = Duration::from_millis(20);
 pub struct Takeover {
     pub inner: Box<dyn Entry>,
     /// Connections to refuse as "server unavailable" here (see
-    /// `hooks::Unavailable`): taking the entry is the first thing rmqtt does
-    /// after the login hook, for MQTT 3.1.1 and 5 alike.
-    pub unavailable: super::hooks::Unavailable,
+    /// `admission.rs`): taking the entry is the first thing rmqtt does
+    /// after the login hook, for MQTT 3.1.1 and 5 alike. A failure here
+    /// gives the connection's slot back.
+    pub admission: std::sync::Arc<super::admission::Admission>,
 }
 
 #[async_trait]
 impl Entry for Takeover {
     async fn try_lock(&self) -> rmqtt::Result<Box<dyn Entry>> {
         let id = self.inner.id();
-        let connecting = (id.client_id.to_string(), id.remote_addr);
-        if super::hooks::take(&self.unavailable, &connecting) {
+        if self.admission.take_unavailable(&id) {
             return Err(anyhow::anyhow!("server busy: the client is asked to retry"));
         }
         // Another handshake for the same client id (one that reset its
@@ -45,7 +45,10 @@ impl Entry for Takeover {
         let inner = loop {
             match self.inner.try_lock().await {
                 Ok(locked) => break locked,
-                Err(e) if attempt >= ATTEMPTS => return Err(e),
+                Err(e) if attempt >= ATTEMPTS => {
+                    self.admission.give_back(&id);
+                    return Err(e);
+                }
                 Err(_) => {
                     attempt += 1;
                     tokio::time::sleep(PAUSE).await;
@@ -54,7 +57,7 @@ impl Entry for Takeover {
         };
         Ok(Box::new(Takeover {
             inner,
-            unavailable: self.unavailable.clone(),
+            admission: self.admission.clone(),
         }))
     }
 
@@ -92,7 +95,10 @@ impl Entry for Takeover {
                 .await
             {
                 Ok(o) => return Ok(o),
-                Err(e) if attempt >= ATTEMPTS => return Err(e),
+                Err(e) if attempt >= ATTEMPTS => {
+                    self.admission.give_back(&self.inner.id());
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::debug!(attempt, error = %e, "previous session still closing; asking again");
                     attempt += 1;

@@ -487,6 +487,21 @@ async fn clients_beyond_max_connections_are_told_to_retry() {
     held[0].set_nodelay(true).unwrap();
     let still = tokio::time::timeout(Duration::from_millis(300), held[0].read(&mut buf)).await;
     assert!(still.is_err(), "the held connection was closed: {still:?}");
+    // A connection that ends gives its place back.
+    drop(held.remove(0));
+    let mut after = None;
+    for _ in 0..50 {
+        after = connack(addr, &connect(4, "t-after", login)).await;
+        if after.as_deref() == Some(&[0, 0][..]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        after.as_deref(),
+        Some(&[0, 0][..]),
+        "a freed place is given"
+    );
     drop(held);
     gw.shutdown().await;
 }
