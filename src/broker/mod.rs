@@ -15,8 +15,9 @@
 //! Routing, sessions, QoS and retained messages are rmqtt's. Ours are: the
 //! listeners' settings (below), who may log in and what they may do
 //! (`access.rs`, `hooks.rs`), keep-alive and expiry rules (`fitter.rs`),
-//! the in-process clients (`local.rs`), `$SYS` (`sys.rs`), TLS (`tls.rs`)
-//! and keeping retained messages across restarts (`persist.rs`).
+//! the in-process clients (`local.rs`), `$SYS` (`sys.rs`), TLS (`tls.rs`),
+//! `max_connections` (`admission.rs`) and keeping retained messages and
+//! persistent sessions across restarts (`persist.rs`, `sessions.rs`).
 
 mod admission;
 mod fence;
@@ -24,6 +25,7 @@ mod fitter;
 mod hooks;
 mod local;
 mod persist;
+mod sessions;
 mod share;
 mod sys;
 mod takeover;
@@ -83,6 +85,9 @@ pub const MAX_CLIENT_ID_LEN: usize = 256;
 /// maximum: a client is never disconnected for its window.
 const INBOUND_WINDOW: u16 = u16::MAX;
 
+/// How long a stop waits for the sessions to go offline before saving.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
 /// Extra room in a packet beyond `max_payload_size`: topic and properties.
 const PACKET_OVERHEAD: u32 = 64 * 1024;
 
@@ -96,6 +101,7 @@ pub struct EmbeddedBroker {
     pending: Mutex<Vec<Pending>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     retained_file: PathBuf,
+    sessions_file: PathBuf,
     sys_interval: Duration,
     started: Instant,
 }
@@ -216,9 +222,15 @@ impl EmbeddedBroker {
                 }
             }
         }
-        let retained_file = config
-            .resolve(&config.gateway.data_dir)
-            .join("broker-retained.json");
+        let data_dir = config.resolve(&config.gateway.data_dir);
+        let retained_file = data_dir.join("broker-retained.json");
+        let sessions_file = data_dir.join("broker-sessions.json");
+        let listener_cfgs = pending
+            .iter()
+            .map(|p| match p {
+                Pending::Direct(id, l) | Pending::Tls { id, inner: l, .. } => (*id, l.cfg.clone()),
+            })
+            .collect();
         let broker = EmbeddedBroker {
             scx,
             local,
@@ -227,10 +239,12 @@ impl EmbeddedBroker {
             pending: Mutex::new(pending),
             tasks: Mutex::new(Vec::new()),
             retained_file,
+            sessions_file,
             sys_interval: b.sys_interval,
             started: Instant::now(),
         };
         broker.restore_retained().await;
+        sessions::restore(&broker.scx, &broker.sessions_file, &listener_cfgs).await;
         Ok(broker)
     }
 
@@ -323,7 +337,7 @@ impl EmbeddedBroker {
     }
 
     /// Closes every listener, disconnects every client and keeps the
-    /// retained messages for the next start.
+    /// retained messages and persistent sessions for the next start.
     pub async fn shutdown(&self) {
         self.close_listeners();
         {
@@ -336,7 +350,14 @@ impl EmbeddedBroker {
                 }
             }
         }
+        // Each session goes offline on its own task; a persistent one is
+        // saved once it has.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while self.scx.connections.count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.save_retained().await;
+        sessions::save(&self.scx, &self.sessions_file).await;
     }
 
     /// Closes every listener (no new connections).

@@ -66,14 +66,7 @@ pub fn save(file: &Path, messages: &[Message]) {
         .collect();
     let result = serde_json::to_vec(&stored)
         .map_err(std::io::Error::other)
-        .and_then(|json| {
-            if let Some(dir) = file.parent() {
-                private_dir(dir)?;
-            }
-            let tmp = file.with_extension("json.tmp");
-            write_private(&tmp, &json)?;
-            std::fs::rename(&tmp, file)
-        });
+        .and_then(|json| replace_private(file, &json));
     match result {
         Ok(()) => {
             tracing::debug!(file = %file.display(), count = messages.len(), "retained messages saved")
@@ -95,6 +88,18 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// Puts `bytes` in `file`, readable by the service user alone, through a
+/// temporary file and a rename (a crash half-way leaves the previous file
+/// whole); the folder is made (0700) if needed.
+pub fn replace_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        private_dir(dir)?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    write_private(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

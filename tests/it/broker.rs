@@ -1,9 +1,9 @@
 //! The embedded broker as LAN clients meet it (issue 19): refused logins
 //! answered, the ACL of the PV site, one port for every MQTT version,
-//! delivered QoS, `$SYS`, retained messages across a restart, Mosquitto
-//! password files, and users/ACL reloaded without dropping clients. The
-//! wire-level checks use raw packets, so that what is asserted is exactly
-//! what goes over TCP.
+//! delivered QoS, `$SYS`, retained messages and persistent sessions across
+//! a restart, Mosquitto password files, and users/ACL reloaded without
+//! dropping clients. The wire-level checks use raw packets, so that what is
+//! asserted is exactly what goes over TCP.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -316,6 +316,112 @@ async fn retained_messages_survive_a_restart() {
         cleared.is_empty(),
         "a cleared retained message came back: {cleared:?}"
     );
+    gw.shutdown().await;
+}
+
+/// A persistent session (clean session false) outlives a restart: its
+/// subscription, the messages queued for it before the stop, and those
+/// published after the start before it reconnects all reach it, in order,
+/// with `session present`. Its password is not written to disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_survive_a_restart() {
+    let yaml = users_yaml("");
+    let data_dir = yaml
+        .split("data_dir: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" }").next())
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    let durable = |addr: SocketAddr| {
+        let mut o = rumqttc::MqttOptions::new("t-durable", addr.ip().to_string(), addr.port());
+        o.set_clean_session(false);
+        o.set_credentials("evse", "evse-pw");
+        rumqttc::AsyncClient::new(o, 10)
+    };
+    let publisher = |addr: SocketAddr| {
+        let mut o = rumqttc::MqttOptions::new("t-pub", addr.ip().to_string(), addr.port());
+        o.set_credentials("admin", "admin-pw");
+        o
+    };
+    let publish = |addr: SocketAddr, payload: &'static str| async move {
+        let (c, mut events) = rumqttc::AsyncClient::new(publisher(addr), 10);
+        c.publish("away/x", QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("no PUBACK: {other:?}"),
+            }
+        }
+        c.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+    };
+
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let (c, mut events) = durable(addr);
+    c.subscribe("away/#", QoS::AtLeastOnce).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+    drop(events);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish(addr, "before the restart").await;
+    gw.shutdown().await;
+
+    let saved = std::fs::read_to_string(data_dir.join("broker-sessions.json"))
+        .expect("the sessions were saved");
+    assert!(saved.contains("t-durable"), "{saved}");
+    assert!(!saved.contains("evse-pw"), "a password was saved: {saved}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data_dir.join("broker-sessions.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "readable by others: {mode:o}");
+
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    publish(addr, "after the restart").await;
+    let (_c, mut events) = durable(addr);
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < 2 {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                assert!(
+                    a.session_present,
+                    "session present after the restart: {a:?}"
+                );
+            }
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                got.push(String::from_utf8_lossy(&p.payload).to_string());
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("got {got:?}, then {other:?}"),
+        }
+    }
+    assert_eq!(got, ["before the restart", "after the restart"]);
+    gw.shutdown().await;
+
+    // A damaged file (a crash while it was written by hand, a full disk)
+    // is reported and the gateway starts without the sessions.
+    std::fs::write(data_dir.join("broker-sessions.json"), "[{\"connect\": 1").unwrap();
+    let gw = support::start(&yaml).await;
+    let ok = connack(
+        support::mqtt_addr(&gw),
+        &connect(4, "t-after-damage", Some(("evse", "evse-pw"))),
+    )
+    .await;
+    assert_eq!(ok.as_deref(), Some(&[0, 0][..]));
     gw.shutdown().await;
 }
 

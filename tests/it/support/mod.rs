@@ -40,8 +40,16 @@ pub fn config(yaml: &str) -> Config {
 pub fn yaml_with_broker(rest: &str) -> String {
     format!(
         "gateway: {{ id: test-gw, data_dir: {data} }}\nbroker:\n  listeners:\n    - {{ bind: \"127.0.0.1:0\", protocol: mqtt }}\n    - {{ bind: \"127.0.0.1:0\", protocol: mqtt5 }}\n{rest}",
-        data = std::env::temp_dir().join(format!("edgebridge-test-{}", std::process::id())).display()
+        data = fresh_data_dir().display()
     )
+}
+
+/// A data folder of its own for each gateway config, so that gateways
+/// running side by side never read each other's saved state.
+pub fn fresh_data_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("edgebridge-test-{}-{n}", std::process::id()))
 }
 
 /// Starts a gateway in this process.
