@@ -15,6 +15,7 @@ use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
 use rmqtt::types::{AuthResult, PublishAclResult, Reason, SubscribeAclResult};
 
 use super::admission::Admission;
+use super::backlog::Backlog;
 use crate::access::{Access, AccessControl, Login};
 
 /// Messages delivered to network clients (for `$SYS/broker/messages/sent`).
@@ -57,6 +58,8 @@ pub struct Gate {
     /// and logins answered "busy" (too many password checks waiting), so
     /// that the client retries.
     admission: Arc<Admission>,
+    /// Messages waiting for each network client (`backlog.rs`).
+    backlog: Arc<Backlog>,
 }
 
 impl Gate {
@@ -66,10 +69,12 @@ impl Gate {
         max_payload: usize,
         fence: Arc<super::fence::Fence>,
         admission: Arc<Admission>,
+        backlog: Arc<Backlog>,
     ) -> Gate {
         Gate {
             fence,
             admission,
+            backlog,
             access,
             max_payload,
             scx,
@@ -145,6 +150,10 @@ impl Handler for Gate {
                 self.admission.give_back(&session.id);
                 (true, acc)
             }
+            Parameter::ClientConnected(session) | Parameter::SessionTerminated(session, _) => {
+                self.backlog.reset(&session.id.client_id);
+                (true, acc)
+            }
             Parameter::ClientSubscribe(session, sub) => {
                 self.fence.enter(&session.id.client_id, &sub.topic_filter);
                 (true, acc)
@@ -211,11 +220,15 @@ impl Handler for Gate {
                 crate::ops::metrics::broker_acl_denied("read");
                 (false, Some(HookResult::MessageExpiry))
             }
-            Parameter::MessageDelivered(..) => {
+            Parameter::MessageDelivered(session, ..) => {
+                self.backlog.done(&session.id.client_id);
                 SENT.fetch_add(1, Ordering::Relaxed);
                 (true, acc)
             }
             Parameter::MessageDropped(to, _, publish, reason) => {
+                if let Some(to) = to {
+                    self.backlog.done(&to.client_id);
+                }
                 let own_expiry = publish
                     .properties
                     .as_ref()

@@ -145,7 +145,9 @@ pub fn to_message(p: &Publish) -> Message {
 /// rmqtt's routing with the in-process subscribers in front (module docs).
 pub struct Tap {
     inner: DefaultShared,
+    scx: ServerContext,
     local: Arc<LocalClients>,
+    backlog: Arc<super::backlog::Backlog>,
     fence: Arc<super::fence::Fence>,
     admission: Arc<super::admission::Admission>,
 }
@@ -156,10 +158,13 @@ impl Tap {
         local: Arc<LocalClients>,
         fence: Arc<super::fence::Fence>,
         admission: Arc<super::admission::Admission>,
+        backlog: Arc<super::backlog::Backlog>,
     ) -> Tap {
         Tap {
             inner: DefaultShared::new(Some(scx.clone())),
+            scx: scx.clone(),
             local,
+            backlog,
             fence,
             admission,
         }
@@ -198,7 +203,51 @@ impl Shared for Tap {
                 .deliver(&from.id.client_id, &to_message(&publish))
                 .await;
         }
-        self.inner.forwards(msg_id, from, publish).await
+        if publish.target_clientid.is_some() {
+            return self.inner.forwards(msg_id, from, publish).await;
+        }
+        // rmqtt's own `forwards`, with the clients whose backlog is full
+        // left out (`backlog.rs`): their drops are reported as errors, for
+        // which rmqtt calls the `MessageDropped` hook.
+        let node = self.scx.node.id();
+        let router = self.scx.extends.router().await;
+        let relations = match router.matches(from.id.clone(), &publish.topic).await {
+            Ok(mut by_node) => by_node.remove(&node).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(topic = %publish.topic, error = %e, "the broker could not route a message");
+                Vec::new()
+            }
+        };
+        drop(router);
+        if relations.is_empty() {
+            return Ok(0);
+        }
+        let (send, full): (SubRelations, SubRelations) = relations
+            .into_iter()
+            .partition(|(_, client, ..)| self.backlog.admit(client));
+        let (count, mut errs) = match self
+            .inner
+            .forwards_to(from.clone(), &publish, send, msg_id)
+            .await
+        {
+            Ok(to) => (to.len(), Vec::new()),
+            Err((to, errs)) => (to.len(), errs),
+        };
+        for (_, client, ..) in full {
+            let mut p = publish.clone();
+            p.packet_id = None;
+            errs.push((
+                To::from(node, client),
+                from.clone(),
+                p,
+                Reason::MessageQueueFull,
+            ));
+        }
+        if errs.is_empty() {
+            Ok(count)
+        } else {
+            Err((count, errs))
+        }
     }
 
     async fn forwards_and_get_shareds(

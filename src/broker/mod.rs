@@ -20,6 +20,7 @@
 //! persistent sessions across restarts (`persist.rs`, `sessions.rs`).
 
 mod admission;
+mod backlog;
 mod fence;
 mod fitter;
 mod hooks;
@@ -50,7 +51,7 @@ use tokio::task::JoinHandle;
 pub use crate::access::{hash_password, Users};
 use crate::access::{AccessControl, AccessError};
 pub use fitter::keep_alive_limit;
-pub use hooks::{acl_denied, logins_refused};
+pub use hooks::{acl_denied, dropped, logins_refused};
 pub use local::{STALL_LIMIT, SUBSCRIBER_QUEUE};
 
 use crate::config::{BrokerConfig, Config, ListenerProtocol};
@@ -142,11 +143,13 @@ impl EmbeddedBroker {
         let local = Arc::new(local::LocalClients::default());
         let fence = Arc::new(fence::Fence::default());
         let admission = Arc::new(admission::Admission::new(b.max_connections));
+        let backlog = Arc::new(backlog::Backlog::new(b.max_queued_messages));
         *scx.extends.shared_mut().await = Box::new(local::Tap::new(
             &scx,
             local.clone(),
             fence.clone(),
             admission.clone(),
+            backlog.clone(),
         ));
         *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
             max_keep_alive: u16::try_from(b.max_keep_alive.as_secs()).unwrap_or(u16::MAX),
@@ -159,11 +162,14 @@ impl EmbeddedBroker {
             usize::try_from(b.max_payload_size.0).unwrap_or(usize::MAX),
             fence,
             admission,
+            backlog,
         );
         let register = scx.extends.hook_mgr().register();
         for typ in [
             Type::ClientAuthenticate,
             Type::ClientDisconnected,
+            Type::ClientConnected,
+            Type::SessionTerminated,
             Type::ClientSubscribe,
             Type::ClientSubscribeCheckAcl,
             Type::SessionSubscribed,

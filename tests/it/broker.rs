@@ -612,6 +612,86 @@ async fn clients_beyond_max_connections_are_told_to_retry() {
     gw.shutdown().await;
 }
 
+/// A network subscriber that takes nothing while the gateway publishes
+/// fast in-process cannot make the gateway hold everything for it: past
+/// `max_queued_messages` plus a fixed margin waiting for that client, the
+/// rest are dropped for it and counted. The in-process subscribers get
+/// every message, and the slow client is still served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_takes_nothing_does_not_grow_the_gateway() {
+    const N: usize = 40_000;
+    let yaml =
+        support::yaml_with_broker("").replace("broker:\n", "broker:\n  max_queued_messages: 100\n");
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    // Counted for the whole process (other tests only add to it).
+    let before = edgebridge::broker::dropped();
+
+    // The slow client: subscribes, then reads nothing.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(&connect(4, "t-slow", None)).await.unwrap();
+    let mut ack = [0u8; 4];
+    slow.read_exact(&mut ack).await.unwrap();
+    let mut sub = vec![0, 1];
+    string("slow/#", &mut sub);
+    sub.push(0);
+    slow.write_all(&packet(0x82, &sub)).await.unwrap();
+    let mut suback = [0u8; 5];
+    slow.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0]);
+
+    let mut bus = gw
+        .bus()
+        .subscribe(
+            "edgebridge-test-slow",
+            &[("slow/#".to_string(), Qos::AtMostOnce)],
+        )
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < N {
+            tokio::time::timeout(Duration::from_secs(30), bus.recv())
+                .await
+                .expect("the in-process subscriber gets everything")
+                .unwrap();
+            n += 1;
+        }
+    });
+    let payload = vec![b'x'; 1024];
+    for i in 0..N {
+        gw.bus()
+            .publish(edgebridge::model::Message::new(
+                format!("slow/{}", i % 10),
+                payload.clone(),
+            ))
+            .await;
+    }
+    reader.await.unwrap();
+    gw.bus().flush(Duration::from_secs(10)).await;
+    let dropped = edgebridge::broker::dropped() - before;
+    // At most 100 + 10 000 wait in the gateway, and some megabytes in the
+    // sockets' buffers; the rest were dropped for the slow client.
+    assert!(
+        dropped >= 15_000,
+        "only {dropped} of {N} dropped for a client that read nothing"
+    );
+
+    // The slow client is still connected and served.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, slow.read(&mut buf)).await {
+        assert!(n > 0, "the slow client was disconnected");
+        got += n;
+        if got > 1024 * 1024 {
+            break;
+        }
+    }
+    assert!(got > 1024 * 1024, "the slow client got {got} bytes");
+    gw.shutdown().await;
+}
+
 /// A QoS 2 publisher with 65 535 messages in flight (every packet id in
 /// use, no PUBREL yet) is not disconnected: MQTT 3.1.1 clients cannot
 /// learn a limit. Then each is released and delivered exactly once.

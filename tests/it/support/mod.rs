@@ -44,12 +44,19 @@ pub fn yaml_with_broker(rest: &str) -> String {
     )
 }
 
-/// A data folder of its own for each gateway config, so that gateways
-/// running side by side never read each other's saved state.
+/// A data folder of its own for each test (each runs on its own thread;
+/// the same for every config one test makes, so that a reload sees the
+/// same `data_dir`): gateways running side by side never read each other's
+/// saved state.
 pub fn fresh_data_dir() -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("edgebridge-test-{}-{n}", std::process::id()))
+    thread_local! {
+        static DIR: std::path::PathBuf = {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::env::temp_dir().join(format!("edgebridge-test-{}-{n}", std::process::id()))
+        };
+    }
+    DIR.with(|d| d.clone())
 }
 
 /// Starts a gateway in this process.
