@@ -197,8 +197,17 @@ impl Queue {
     ) -> Result<(Queue, Recovery), QueueError> {
         create_private_dir(data_dir)?;
         let path = Queue::file_path(data_dir, name);
+        // SQLite takes a zero-length file for a new database; here it means
+        // a file whose content never reached the disk (a crash or power cut
+        // right after it was made, typical of a fresh SD card): say so.
+        let was_empty = fs::metadata(&path).is_ok_and(|m| m.len() == 0);
         create_private_file(&path)?;
         let mut recovery = Recovery::default();
+        if was_empty {
+            tracing::warn!(bridge = %name, path = %path.display(),
+                "queue file was empty (0 bytes): whatever it held never reached the disk; starting with an empty queue");
+            recovery.detail = Some("the file was empty (0 bytes)".into());
+        }
         let conn = match open_checked(&path) {
             Ok(conn) => conn,
             Err(e) if e.is_corrupt() => {

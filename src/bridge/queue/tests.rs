@@ -409,3 +409,24 @@ fn staged_messages_count_against_max_bytes() {
         ["PV/data/2", "PV/data/3", "PV/data/4"]
     );
 }
+
+/// A zero-length file (a crash right after the file was made) is reported,
+/// not silently taken for a new queue; the queue then works.
+#[test]
+fn a_zero_length_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(Queue::file_path(dir.path(), "cloud"), b"").unwrap();
+    let (mut q, rec) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+    assert_eq!(rec.salvaged, 0);
+    assert!(
+        rec.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("empty (0 bytes)")),
+        "{rec:?}"
+    );
+    q.append(&msgs(0..3)).unwrap();
+    drop(q);
+    let (q, rec) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
+    assert_eq!(rec, Recovery::default(), "a good file is not reported");
+    assert_eq!(q.stats().depth, 3);
+}
