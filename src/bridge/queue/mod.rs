@@ -85,6 +85,15 @@ impl QueueError {
     }
 }
 
+impl QueueError {
+    /// True when SQLite could not get more room: the file system is full
+    /// (or the file is at its budget, which [`Queue::flush`] handles).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, QueueError::Sqlite { source, .. }
+            if source.sqlite_error_code() == Some(ErrorCode::DiskFull))
+    }
+}
+
 fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
@@ -107,6 +116,54 @@ impl From<&crate::config::QueueConfig> for QueueLimits {
             max_bytes: c.max_bytes.0,
             max_age: c.max_age,
         }
+    }
+}
+
+/// How `max_bytes` is shared between the files of a queue, so that
+/// together they stay within it (`du`), plus SQLite's shared-memory index
+/// (`-shm`, 32 KiB) and at most one append batch in the WAL:
+/// - the WAL is checkpointed every `wal_pages` pages and cut back to that
+///   size after each checkpoint (an eighth of the budget, at most 4 MiB);
+/// - the database file may have at most `db_pages` pages (the rest):
+///   SQLite refuses to grow it further, and [`Queue::flush`] then drops
+///   the oldest rows, whose pages new rows reuse.
+///
+/// The WAL file is not given back after a checkpoint: the space it keeps
+/// is where deleting acknowledged rows writes, so a queue on a full disk
+/// still drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskBudget {
+    pub page_size: i64,
+    pub wal_pages: i64,
+    pub db_pages: i64,
+}
+
+impl DiskBudget {
+    pub fn new(max_bytes: u64, page_size: i64) -> DiskBudget {
+        let page_size = page_size.max(512);
+        let pages = i64::try_from(max_bytes).unwrap_or(i64::MAX) / page_size;
+        let wal_pages = (pages / 8).clamp(8, 1024);
+        let db_pages = (pages - wal_pages).max(16);
+        DiskBudget {
+            page_size,
+            wal_pages,
+            db_pages,
+        }
+    }
+
+    fn apply(&self, conn: &Connection) -> rusqlite::Result<()> {
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint={}; PRAGMA journal_size_limit={};",
+            self.wal_pages,
+            self.wal_pages * self.page_size
+        ))?;
+        // Answers the limit in force, never below the file's current size
+        // (a file from a larger limit keeps its size; it is not shrunk).
+        conn.query_row(
+            &format!("PRAGMA max_page_count={}", self.db_pages),
+            [],
+            |_| Ok(()),
+        )
     }
 }
 
@@ -243,6 +300,11 @@ impl Queue {
                 },
             )
             .map_err(|source| sql(&path, source))?;
+        let page_size = conn
+            .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+            .map_err(|source| sql(&path, source))?;
+        let budget = DiskBudget::new(limits.max_bytes, page_size);
+        budget.apply(&conn).map_err(|source| sql(&path, source))?;
         let mut queue = Queue {
             conn,
             path,
@@ -379,7 +441,70 @@ impl Queue {
     /// Writes every staged message and deletes every row acknowledged with
     /// [`Queue::ack_later`], in one transaction. On an error nothing
     /// changes; the next call tries again.
+    ///
+    /// When the file has reached its share of `max_bytes` (see
+    /// [`DiskBudget`]), the oldest rows are dropped (counted) to make room,
+    /// as the limit says; a full file system is an error
+    /// ([`QueueError::is_disk_full`]).
     pub fn flush(&mut self) -> Result<(), QueueError> {
+        let mut attempts = 0;
+        loop {
+            match self.write_pending() {
+                Err(e) if e.is_disk_full() && attempts < 16 => {
+                    attempts += 1;
+                    let staged: u64 = self
+                        .staged
+                        .values()
+                        .map(|m| message_size(&m.topic, &m.payload))
+                        .sum();
+                    // SQLite says "full" for both; the file system tells.
+                    if free_space(&self.path).is_none_or(|free| free <= 2 * staged + (1 << 20)) {
+                        return Err(e);
+                    }
+                    let room = staged.max(self.limits.max_bytes / 16);
+                    if self.drop_oldest_on_disk(room)? == 0 {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Drops the oldest rows on disk, at least `bytes` of them (as counted
+    /// against `max_bytes`); how many.
+    fn drop_oldest_on_disk(&mut self, bytes: u64) -> Result<u64, QueueError> {
+        let (last_id, n, freed) = self.oldest_covering(bytes)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.delete_through(last_id, n, freed)?;
+        self.count_drops(n);
+        Ok(n)
+    }
+
+    /// The id up to which the oldest rows on disk add up to `bytes` (or all
+    /// of them), how many rows that is and their bytes.
+    fn oldest_covering(&mut self, bytes: u64) -> Result<(i64, u64, u64), QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, size FROM messages ORDER BY id")
+            .map_err(|source| sql(&self.path, source))?;
+        let mut rows = stmt.query([]).map_err(|source| sql(&self.path, source))?;
+        let (mut last_id, mut n, mut freed) = (0i64, 0u64, 0u64);
+        while freed < bytes {
+            let Some(row) = rows.next().map_err(|source| sql(&self.path, source))? else {
+                break;
+            };
+            last_id = row.get(0).map_err(|source| sql(&self.path, source))?;
+            let size: i64 = row.get(1).map_err(|source| sql(&self.path, source))?;
+            freed += size as u64;
+            n += 1;
+        }
+        Ok((last_id, n, freed))
+    }
+
+    fn write_pending(&mut self) -> Result<(), QueueError> {
         if self.staged.is_empty() && self.unacked_deletes.is_empty() {
             self.dirty_since = None;
             return Ok(());
@@ -566,25 +691,7 @@ impl Queue {
             return Ok(0);
         }
         let excess = self.bytes - self.limits.max_bytes;
-        // Find the id up to which the oldest rows cover the excess.
-        let (last_id, n, freed) = {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT id, size FROM messages ORDER BY id")
-                .map_err(|source| sql(&self.path, source))?;
-            let mut rows = stmt.query([]).map_err(|source| sql(&self.path, source))?;
-            let (mut last_id, mut n, mut freed) = (0i64, 0u64, 0u64);
-            while freed < excess {
-                let Some(row) = rows.next().map_err(|source| sql(&self.path, source))? else {
-                    break;
-                };
-                last_id = row.get(0).map_err(|source| sql(&self.path, source))?;
-                let size: i64 = row.get(1).map_err(|source| sql(&self.path, source))?;
-                freed += size as u64;
-                n += 1;
-            }
-            (last_id, n, freed)
-        };
+        let (last_id, n, freed) = self.oldest_covering(excess)?;
         if n == 0 {
             return Ok(0);
         }
@@ -825,6 +932,25 @@ fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
 
 /// Creates the file with mode 0600 if it does not exist; SQLite gives its
 /// `-wal` and `-shm` files the same mode as the database file.
+/// Bytes an unprivileged writer may still use on the file system of
+/// `path`; `None` when it cannot be asked.
+fn free_space(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a buffer of the
+    // right type that statvfs fills in; it is read only when it succeeded.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types are 32 bits wide on some 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
 fn create_private_file(path: &Path) -> Result<(), QueueError> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(false);

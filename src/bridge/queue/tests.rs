@@ -430,3 +430,64 @@ fn a_zero_length_file_is_reported() {
     assert_eq!(rec, Recovery::default(), "a good file is not reported");
     assert_eq!(q.stats().depth, 3);
 }
+
+/// What the queue's files take on disk, as `du` counts it.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// `max_bytes` bounds the queue's files on disk, WAL included (issue 13:
+/// 512 KiB of limit let the WAL alone grow to 2 MiB): through a long
+/// outage the files stay within the limit plus the documented margin, the
+/// oldest messages are dropped and every drop is counted, and what is kept
+/// is the newest, in order.
+#[test]
+fn max_bytes_bounds_the_files_on_disk() {
+    const MAX: u64 = 512 * 1024;
+    // The `-shm` index (32 KiB) and one append batch of WAL.
+    const MARGIN: u64 = 32 * 1024 + 128 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, _) = Queue::open(dir.path(), "cloud", limits(MAX)).unwrap();
+    let payload = Bytes::from(vec![b'x'; 200]);
+    let mut appended = 0u64;
+    let mut peak = 0;
+    for batch in 0..200 {
+        let msgs: Vec<Message> = (0..100)
+            .map(|i| Message {
+                topic: format!("PV/data/{}", batch * 100 + i),
+                payload: payload.clone(),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+            })
+            .collect();
+        q.append(&msgs).unwrap();
+        appended += msgs.len() as u64;
+        peak = peak.max(disk_usage(dir.path()));
+    }
+    let stats = q.stats();
+    eprintln!("peak {peak} bytes on disk, {stats:?}");
+    assert!(
+        peak <= MAX + MARGIN,
+        "the files took {peak} bytes for a max_bytes of {MAX}"
+    );
+    assert_eq!(
+        stats.depth + stats.dropped,
+        appended,
+        "every message is either queued or counted as dropped: {stats:?}"
+    );
+    assert!(stats.dropped > 0 && stats.depth > 500, "{stats:?}");
+    let kept = q.peek_after(0, usize::MAX >> 1).unwrap();
+    assert_eq!(kept.len() as u64, stats.depth);
+    assert_eq!(
+        kept.last().unwrap().topic,
+        format!("PV/data/{}", appended - 1),
+        "the newest are kept"
+    );
+    assert!(kept.windows(2).all(|w| w[0].id < w[1].id));
+}
