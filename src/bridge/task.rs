@@ -192,6 +192,9 @@ pub struct BridgeStatus {
     pub received: u64,
     /// Connection attempts that failed or connections that broke.
     pub connection_errors: u64,
+    /// The file system refuses new queue rows (see `DiskFull`); what could
+    /// not be kept meanwhile is counted in `dropped`.
+    pub disk_full: bool,
     pub last_error: Option<String>,
     /// When `connected` last changed, ms since the epoch.
     pub since: Millis,
@@ -216,6 +219,8 @@ const DELETE_DELAY: Duration = Duration::from_millis(20);
 const ACK_BATCH: usize = 512;
 /// Messages kept in memory while the disk refuses appends (e.g. full).
 const MAX_UNSAVED: usize = 10_000;
+/// Messages per queue transaction while the disk is full.
+const DISK_FULL_BATCH: usize = 32;
 /// How long a downlinked message is remembered for the loop guard.
 const ECHO_TTL: Duration = Duration::from_secs(10);
 const ECHO_MAX: usize = 4096;
@@ -427,6 +432,22 @@ struct Runner<L> {
     pacer: Option<Pacer>,
     /// When the last queue write failed (they are retried a second later).
     flush_failed_at: Option<Instant>,
+    /// Set while the file system refuses appends (see [`DiskFull`]).
+    disk_full: Option<DiskFull>,
+}
+
+/// A full disk is a state, logged when it starts and when it ends: while
+/// it lasts, appends are tried once a second, what is already queued keeps
+/// draining (deleting rows needs no new space, see `queue::DiskBudget`),
+/// the bridge keeps taking messages from the bus (the gateway's publishers
+/// never wait on it), and past [`MAX_UNSAVED`] in memory the oldest of those
+/// are dropped and counted in `dropped`.
+#[derive(Debug)]
+struct DiskFull {
+    since: Instant,
+    retry_at: Instant,
+    /// Messages dropped because they could not be stored.
+    lost: u64,
 }
 
 impl<L: LocalLink> Runner<L> {
@@ -469,6 +490,7 @@ impl<L: LocalLink> Runner<L> {
             acked: Vec::new(),
             echo: EchoGuard::default(),
             refused: 0,
+            disk_full: None,
             pacer: spec_pacer,
             flush_failed_at: None,
         }
@@ -506,7 +528,7 @@ impl<L: LocalLink> Runner<L> {
                         break;
                     }
                 },
-                m = self.local.recv(), if self.local_open && self.unsaved.len() < MAX_UNSAVED => {
+                m = self.local.recv(), if self.local_open && (self.unsaved.len() < MAX_UNSAVED || self.disk_full.is_some()) => {
                     match m {
                         Some(m) => self.take_local(m).await,
                         None => {
@@ -519,6 +541,9 @@ impl<L: LocalLink> Runner<L> {
                 _ = sleep_until(self.pacer.as_ref().map_or_else(Instant::now, |p| p.next)), if rate_wait => {}
                 _ = sleep_until(write_at.unwrap_or_else(Instant::now)), if write_at.is_some() => {}
                 _ = tick.tick() => {
+                    if self.disk_full.is_some() && !self.queue.recheck_room() {
+                        self.disk_room_again();
+                    }
                     self.expire();
                     self.publish_status(false).await;
                 }
@@ -573,6 +598,15 @@ impl<L: LocalLink> Runner<L> {
             return;
         }
         self.unsaved.push(m);
+        if let Some(full) = &mut self.disk_full {
+            if self.unsaved.len() >= MAX_UNSAVED + APPEND_BATCH {
+                // Nowhere to keep them: the oldest go, counted.
+                let n = self.unsaved.len() - MAX_UNSAVED;
+                self.unsaved.drain(..n);
+                full.lost += n as u64;
+                self.refused += n as u64;
+            }
+        }
     }
 
     /// Hands buffered QoS 0 messages to the connection while it has room.
@@ -629,50 +663,82 @@ impl<L: LocalLink> Runner<L> {
     }
 
     /// Appends waiting messages and deletes acknowledged ones.
-    fn persist(&mut self) {
-        if !self.unsaved.is_empty() {
-            let batch_len = self.unsaved.len().min(APPEND_BATCH * 4);
-            // While connected and `ready` holds every unsent message, the new
-            // ones join it as they are stored, instead of being read back.
-            let keep =
-                self.connected && self.ready.len() < MAX_READY && self.ready_holds_all_unsent();
-            let mut ids = std::mem::take(&mut self.appended);
-            // With `write_behind`, while connected, messages are staged and
-            // written after that delay unless acknowledged before; otherwise
-            // (and always offline) they are on disk before they are sent.
-            let stored = if self.connected && self.spec.write_behind.is_some() {
-                self.queue.stage(&self.unsaved[..batch_len], &mut ids)
-            } else {
-                self.queue
-                    .append_with_ids(&self.unsaved[..batch_len], &mut ids)
-            };
-            match stored {
-                Ok((dropped, _)) if dropped > 0 => {
-                    self.unsaved.drain(..batch_len);
-                    // Some of the peeked messages may be gone now.
-                    self.ready.clear();
+    /// Appends up to `max` waiting messages; whether they were stored.
+    fn append_unsaved(&mut self, max: usize) -> bool {
+        let batch_len = self.unsaved.len().min(max);
+        // While connected and `ready` holds every unsent message, the new
+        // ones join it as they are stored, instead of being read back.
+        let keep = self.connected && self.ready.len() < MAX_READY && self.ready_holds_all_unsent();
+        let mut ids = std::mem::take(&mut self.appended);
+        // With `write_behind`, while connected, messages are staged and
+        // written after that delay unless acknowledged before; otherwise
+        // (and always offline) they are on disk before they are sent.
+        let stored = if self.connected && self.spec.write_behind.is_some() {
+            self.queue.stage(&self.unsaved[..batch_len], &mut ids)
+        } else {
+            self.queue
+                .append_with_ids(&self.unsaved[..batch_len], &mut ids)
+        };
+        match stored {
+            Ok(_) if self.disk_full.is_some() => {
+                // Stored in pages the drain freed, or in new room: the
+                // episode ends only when the file system has room.
+                if !self.queue.disk_full() {
+                    self.disk_room_again();
                 }
-                Ok((_, ts)) if keep => {
-                    let mut stored = ids.iter().peekable();
-                    for (i, m) in self.unsaved.drain(..batch_len).enumerate() {
-                        if let Some(&(_, id)) = stored.next_if(|(at, _)| *at == i) {
-                            self.ready.push_back(QueuedMessage {
-                                id,
-                                ts,
-                                topic: m.topic,
-                                payload: m.payload,
-                                qos: m.qos,
-                                retain: m.retain,
-                            });
-                        }
+                self.unsaved.drain(..batch_len);
+                self.ready.clear();
+            }
+            Ok((dropped, _)) if dropped > 0 => {
+                self.unsaved.drain(..batch_len);
+                // Some of the peeked messages may be gone now.
+                self.ready.clear();
+            }
+            Ok((_, ts)) if keep => {
+                let mut stored = ids.iter().peekable();
+                for (i, m) in self.unsaved.drain(..batch_len).enumerate() {
+                    if let Some(&(_, id)) = stored.next_if(|(at, _)| *at == i) {
+                        self.ready.push_back(QueuedMessage {
+                            id,
+                            ts,
+                            topic: m.topic,
+                            payload: m.payload,
+                            qos: m.qos,
+                            retain: m.retain,
+                        });
                     }
                 }
-                Ok(_) => {
-                    self.unsaved.drain(..batch_len);
-                }
-                Err(e) => self.queue_failed(e),
             }
-            self.appended = ids;
+            Ok(_) => {
+                self.unsaved.drain(..batch_len);
+            }
+            Err(e) => {
+                self.appended = ids;
+                self.queue_failed(e);
+                return false;
+            }
+        }
+        self.appended = ids;
+        true
+    }
+
+    fn persist(&mut self) {
+        let retry_later = self
+            .disk_full
+            .as_ref()
+            .is_some_and(|f| Instant::now() < f.retry_at);
+        if !self.unsaved.is_empty() && !retry_later {
+            if self.disk_full.is_some() {
+                // Small transactions while the disk is full: the WAL cannot
+                // grow, only reuse its room.
+                for _ in 0..64 {
+                    if self.unsaved.is_empty() || !self.append_unsaved(DISK_FULL_BATCH) {
+                        break;
+                    }
+                }
+            } else {
+                self.append_unsaved(APPEND_BATCH * 4);
+            }
         }
         if self.write_at().is_some_and(|at| at <= Instant::now()) {
             self.flush_staged();
@@ -712,7 +778,40 @@ impl<L: LocalLink> Runner<L> {
         })
     }
 
+    /// The disk took a write again: the end of a disk-full episode.
+    fn disk_room_again(&mut self) {
+        if let Some(full) = self.disk_full.take() {
+            tracing::warn!(
+                lost = full.lost,
+                after = ?full.since.elapsed(),
+                "the disk has room again: the queue stores messages again ({} could not be kept while it was full, counted in dropped)",
+                full.lost
+            );
+            self.status.last_error = None;
+        }
+    }
+
     fn queue_failed(&mut self, e: QueueError) {
+        if e.is_disk_full() {
+            let now = Instant::now();
+            match &mut self.disk_full {
+                Some(full) => {
+                    full.retry_at = now + Duration::from_secs(1);
+                    tracing::debug!(error = %e, "disk still full");
+                }
+                None => {
+                    tracing::warn!(path = %self.queue.path().display(), waiting = self.unsaved.len(),
+                        "disk full: the queue cannot store new messages; what is queued keeps draining, new messages wait in memory (up to {MAX_UNSAVED}, then the oldest are dropped and counted) until there is room again");
+                    self.disk_full = Some(DiskFull {
+                        since: now,
+                        retry_at: now + Duration::from_secs(1),
+                        lost: 0,
+                    });
+                }
+            }
+            self.status.last_error = Some(format!("disk full: {e}"));
+            return;
+        }
         tracing::error!(error = %e, "queue operation failed");
         self.status.last_error = Some(e.to_string());
         if e.is_corrupt() {
@@ -734,6 +833,7 @@ impl<L: LocalLink> Runner<L> {
         self.status.queue_depth = stats.depth;
         self.status.queue_bytes = stats.bytes;
         self.status.dropped = stats.dropped + self.refused;
+        self.status.disk_full = self.disk_full.is_some();
     }
 
     /// Waiting for the pacer with something to send.

@@ -1255,3 +1255,176 @@ async fn a_burst_from_one_lan_publisher_reaches_the_bridge() {
         );
     }
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped (even when
+/// the test fails). `None` when not root: the caller says it skipped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Takes every byte left, in a file of its own; removing the file gives
+    /// them back.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Issue 13: the queue's disk fills during a cloud outage. Nothing is lost
+/// uncounted (what reaches the cloud plus `dropped` is everything), the
+/// bridge keeps taking messages (the publisher never blocks), the status
+/// says `disk_full`, and when the cloud comes back the backlog drains in
+/// order while the disk is still full; storing then resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and root (a 4 MiB tmpfs): run by .ci/run"]
+async fn a_full_disk_during_an_outage_loses_nothing_uncounted() {
+    const N: usize = 30_000;
+    let Some(fs) = Tmpfs::mount("4m") else {
+        eprintln!("SKIPPED a_full_disk_during_an_outage_loses_nothing_uncounted: not root (it mounts a tmpfs)");
+        return;
+    };
+    let mut m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-cloud-full", "site/#", false).await;
+    m.stop();
+    // max_bytes beyond what the disk holds: the disk is what fills.
+    let yaml = format!(
+        "  - name: cloud\n    url: {}\n    reconnect: {{ min: 100ms, max: 300ms }}\n    \
+         queue: {{ max_bytes: 6MiB }}\n    \
+         forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+        m.url()
+    );
+    // Other files take part of the disk (logs, say); deleting them at the
+    // end is the space that comes back.
+    let ballast = fs.path().join("ballast");
+    std::fs::write(&ballast, vec![1u8; 1 << 20]).unwrap();
+    let data = fs.path().join("data");
+    let cfg = config(&yaml, &data);
+    let spec = BridgeSpec::from_config(&cfg.bridges[0], &cfg).unwrap();
+    let bridge = Bridge::open(spec).unwrap();
+    let mut status = bridge.status();
+    let (local, rx) = mpsc::channel(1000);
+    let (out, _published) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bridge.run(
+        TestLink {
+            rx,
+            out,
+            loopback: None,
+        },
+        shutdown.clone(),
+    ));
+
+    // 30 000 × ~250 B: more than the 4 MiB disk holds. The publisher must
+    // never be held up by the full disk.
+    let pad = "x".repeat(200);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        for i in 0..N {
+            local
+                .send(Message::new("PV/data", format!("{i:06}{pad}")))
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .expect("the bridge kept taking messages while the disk was full");
+    let full = tokio::time::timeout(WAIT, status.wait_for(|s| s.disk_full && s.dropped > 0))
+        .await
+        .expect("disk_full and drops in the status")
+        .unwrap()
+        .clone();
+    let queued = full.queue_depth;
+    assert!(queued > 1000, "{full:?}");
+    // Whatever the queue's own pages do not hold stays taken.
+    let filler = fs.fill();
+
+    // The cloud is back while the disk is still full: the backlog drains,
+    // and everything is accounted for: at the cloud, or counted as dropped.
+    m.restart();
+    let parse = |p: &Bytes| {
+        std::str::from_utf8(&p[..6])
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let mut got = std::collections::BTreeSet::new();
+    let mut order_ok = true;
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let dropped = status.borrow().dropped;
+        if got.len() as u64 + dropped == N as u64 {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, seen.recv()).await {
+            Ok(Some((_, p))) => {
+                let i = parse(&p);
+                if got.insert(i) {
+                    order_ok &= last.is_none_or(|l| l < i);
+                    last = Some(i);
+                }
+            }
+            _ => panic!(
+                "{} reached the cloud and {dropped} were dropped, of {N}: {:?}",
+                got.len(),
+                *status.borrow()
+            ),
+        }
+        if got.len() == 1000 {
+            assert!(
+                std::fs::metadata(&filler).is_ok(),
+                "the disk is still full while the backlog drains"
+            );
+        }
+    }
+    assert!(order_ok, "messages reached the cloud out of order");
+    assert!(
+        got.len() as u64 >= queued,
+        "only {} reached the cloud; {queued} were queued when the disk filled",
+        got.len()
+    );
+    // Space comes back: the state ends.
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&ballast).unwrap();
+    local
+        .send(Message::new("PV/data", format!("{N:06}{pad}")))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, status.wait_for(|s| !s.disk_full))
+        .await
+        .expect("disk_full ends once there is room")
+        .unwrap();
+    shutdown.cancel();
+    task.await.unwrap();
+    drop(fs);
+}

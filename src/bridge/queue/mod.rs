@@ -123,14 +123,13 @@ impl From<&crate::config::QueueConfig> for QueueLimits {
 /// together they stay within it (`du`), plus SQLite's shared-memory index
 /// (`-shm`, 32 KiB) and at most one append batch in the WAL:
 /// - the WAL is checkpointed every `wal_pages` pages and cut back to that
-///   size after each checkpoint (an eighth of the budget, at most 4 MiB);
+///   size after each checkpoint (a sixteenth of the budget, at most
+///   512 KiB);
+/// - a reserve file of the same size ([`Reserve`]) keeps room for
+///   draining on a full disk;
 /// - the database file may have at most `db_pages` pages (the rest):
 ///   SQLite refuses to grow it further, and [`Queue::flush`] then drops
 ///   the oldest rows, whose pages new rows reuse.
-///
-/// The WAL file is not given back after a checkpoint: the space it keeps
-/// is where deleting acknowledged rows writes, so a queue on a full disk
-/// still drains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskBudget {
     pub page_size: i64,
@@ -142,8 +141,8 @@ impl DiskBudget {
     pub fn new(max_bytes: u64, page_size: i64) -> DiskBudget {
         let page_size = page_size.max(512);
         let pages = i64::try_from(max_bytes).unwrap_or(i64::MAX) / page_size;
-        let wal_pages = (pages / 8).clamp(8, 1024);
-        let db_pages = (pages - wal_pages).max(16);
+        let wal_pages = (pages / 16).clamp(8, 128);
+        let db_pages = (pages - 2 * wal_pages).max(16);
         DiskBudget {
             page_size,
             wal_pages,
@@ -164,6 +163,92 @@ impl DiskBudget {
             [],
             |_| Ok(()),
         )
+    }
+}
+
+/// Room kept for a full disk: a file of [`DiskBudget::wal_pages`] pages
+/// next to the queue (`….sqlite.reserve`). Deleting acknowledged rows must
+/// write to the WAL, and the checkpoint that lets the WAL be reused may
+/// have to grow the database file by as much; on a full disk neither could
+/// happen and the backlog would stop draining just when the cloud is back.
+/// So when a write that only deletes finds the disk full, the reserve is
+/// given back to the file system and the write tried again; once the disk
+/// has room again the reserve is taken anew.
+struct Reserve {
+    path: PathBuf,
+    size: u64,
+    /// Given back; when the disk was last looked at for taking it anew.
+    released: Option<Instant>,
+}
+
+impl Reserve {
+    fn new(queue_file: &Path, size: u64) -> Reserve {
+        let mut r = Reserve {
+            path: queue_file.with_extension("sqlite.reserve"),
+            size,
+            released: None,
+        };
+        if !r.take() {
+            r.released = Some(Instant::now());
+        }
+        r
+    }
+
+    /// Makes the file `size` bytes of allocated space; whether it is.
+    fn take(&mut self) -> bool {
+        use std::os::unix::io::AsRawFd;
+        let Ok(f) = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)
+        else {
+            return false;
+        };
+        let len = libc::off_t::try_from(self.size).unwrap_or(libc::off_t::MAX);
+        // SAFETY: `f` is an open file for the whole call.
+        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+        if rc == 0 {
+            return true;
+        }
+        // Not supported here: write the bytes.
+        use std::io::Write;
+        let mut f = f;
+        let block = [0u8; 4096];
+        let mut written = 0;
+        while written < self.size {
+            if f.write_all(&block).is_err() {
+                return false;
+            }
+            written += block.len() as u64;
+        }
+        f.sync_all().is_ok()
+    }
+
+    /// Gives the space back; whether there was any to give.
+    fn release(&mut self) -> bool {
+        if self.released.is_some() {
+            return false;
+        }
+        self.released = Some(Instant::now());
+        fs::remove_file(&self.path).is_ok()
+    }
+
+    /// Takes the reserve anew once the disk has room for it and more (looked
+    /// at every second while it is given back); whether it holds it.
+    fn renew(&mut self) -> bool {
+        let Some(at) = self.released else {
+            return true;
+        };
+        if at.elapsed() < Duration::from_secs(1) {
+            return false;
+        }
+        self.released = Some(Instant::now());
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        if free_space(dir).is_some_and(|free| free > self.size + (256 << 10)) && self.take() {
+            self.released = None;
+        }
+        self.released.is_none()
     }
 }
 
@@ -210,6 +295,13 @@ pub struct Queue {
     path: PathBuf,
     name: String,
     limits: QueueLimits,
+    budget: DiskBudget,
+    /// On a full disk the file may not grow: new rows only take pages that
+    /// deleted ones freed (see [`Queue::flush`]).
+    capped: bool,
+    /// When [`Queue::recheck_room`] last looked at the file system.
+    room_checked: Option<Instant>,
+    reserve: Reserve,
     depth: u64,
     bytes: u64,
     dropped: u64,
@@ -305,11 +397,19 @@ impl Queue {
             .map_err(|source| sql(&path, source))?;
         let budget = DiskBudget::new(limits.max_bytes, page_size);
         budget.apply(&conn).map_err(|source| sql(&path, source))?;
+        let reserve = Reserve::new(
+            &path,
+            u64::try_from(budget.wal_pages * budget.page_size).unwrap_or(0),
+        );
         let mut queue = Queue {
             conn,
             path,
             name: name.to_string(),
             limits,
+            budget,
+            capped: false,
+            room_checked: None,
+            reserve,
             depth,
             bytes,
             dropped: 0,
@@ -329,6 +429,12 @@ impl Queue {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file system was found full and has not had room since: the file
+    /// keeps its size and new rows only reuse freed pages.
+    pub fn disk_full(&self) -> bool {
+        self.capped
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -459,6 +565,18 @@ impl Queue {
                         .sum();
                     // SQLite says "full" for both; the file system tells.
                     if free_space(&self.path).is_none_or(|free| free <= 2 * staged + (1 << 20)) {
+                        // The disk is full. From now on the file keeps its
+                        // size: new rows take only the pages deleted ones
+                        // free, and whatever room there is stays for the
+                        // deletes and the WAL.
+                        self.cap_pages();
+                        // Deleting acknowledged rows (nothing new to store)
+                        // gets the reserve's room.
+                        if self.staged.is_empty() && self.reserve.release() {
+                            tracing::info!(bridge = %self.name,
+                                "disk full: the queue's reserve is given back so that sent messages can still be deleted");
+                            continue;
+                        }
                         return Err(e);
                     }
                     let room = staged.max(self.limits.max_bytes / 16);
@@ -466,8 +584,54 @@ impl Queue {
                         return Err(e);
                     }
                 }
+                Ok(()) => {
+                    self.recheck_room();
+                    return Ok(());
+                }
                 other => return other,
             }
+        }
+    }
+
+    /// After a full disk: once the file system has room again (looked at
+    /// every second at most), the reserve is taken anew and the file may
+    /// grow again. Whether the disk is still taken for full.
+    pub fn recheck_room(&mut self) -> bool {
+        if !self.capped {
+            return false;
+        }
+        if self
+            .room_checked
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return true;
+        }
+        self.room_checked = Some(Instant::now());
+        let room = self.reserve.renew()
+            && free_space(&self.path).is_some_and(|free| free > self.reserve.size + (256 << 10));
+        if room {
+            self.capped = false;
+            let _ = self.budget.apply(&self.conn);
+        }
+        self.capped
+    }
+
+    /// Keeps the database file at the pages it has (see `capped`).
+    fn cap_pages(&mut self) {
+        if self.capped {
+            return;
+        }
+        self.room_checked = Some(Instant::now());
+        let pages = self
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(self.budget.db_pages);
+        if self
+            .conn
+            .query_row(&format!("PRAGMA max_page_count={pages}"), [], |_| Ok(()))
+            .is_ok()
+        {
+            self.capped = true;
         }
     }
 
@@ -568,9 +732,14 @@ impl Queue {
             // Everything is staged: spare the query.
             Vec::new()
         } else {
-            // Acknowledged rows must not come back.
+            // Acknowledged rows must not come back: deleted first, or, when
+            // the disk cannot take even that, left out below.
             if !self.unacked_deletes.is_empty() {
-                self.flush()?;
+                match self.flush() {
+                    Ok(()) => {}
+                    Err(e) if e.is_disk_full() => {}
+                    Err(e) => return Err(e),
+                }
             }
             let mut stmt = self
                 .conn
@@ -582,8 +751,14 @@ impl Queue {
             let rows = stmt
                 .query_map(params![after, max as i64], row_to_message)
                 .map_err(|source| sql(&self.path, source))?;
-            rows.collect::<Result<Vec<_>, _>>()
-                .map_err(|source| sql(&self.path, source))?
+            let mut rows = rows
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| sql(&self.path, source))?;
+            if !self.unacked_deletes.is_empty() {
+                self.unacked_deletes.sort_unstable();
+                rows.retain(|m| self.unacked_deletes.binary_search(&m.id).is_err());
+            }
+            rows
         };
         // Staged messages are newer than everything on disk.
         let rest = max - found.len();
