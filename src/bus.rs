@@ -33,7 +33,7 @@ pub struct Bus {
 #[derive(Clone)]
 enum Backend {
     Embedded(Arc<EmbeddedBroker>),
-    External(external::External),
+    External(external::External, Arc<external::Publisher>),
 }
 
 impl Bus {
@@ -49,30 +49,43 @@ impl Bus {
         })
     }
 
-    /// A bus on an external broker at `url` (`mqtt://host:port`).
-    pub async fn external(
-        url: &str,
-        client_id: &str,
-        credentials: Option<(String, String)>,
-        will: Option<Message>,
-    ) -> Result<Bus, BusError> {
-        let ext = external::External::new(url, client_id, credentials, will)?;
-        let (publish_tx, mut rx) = mpsc::channel::<Message>(PUBLISH_QUEUE);
-        let client = ext.publisher().await?;
-        tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                if let Err(e) = client
-                    .publish(m.topic, external::qos(m.qos), m.retain, m.payload.to_vec())
-                    .await
-                {
-                    tracing::warn!(error = %e, "publish to the external broker failed");
-                }
-            }
+    /// A bus on the external broker of `config` (`broker.enabled: false`).
+    ///
+    /// What the gateway publishes goes out through the bridge engine, as a
+    /// bridge named `external-broker` would (`external::publisher`): into a
+    /// durable queue in `data_dir` whenever the broker cannot take it, sent
+    /// in order once it is back, reconnecting at most [`external::RECONNECT_MAX`]
+    /// apart, with its status on `edgebridge/<id>/bridges/external-broker/status`.
+    /// So drivers never wait on a broker that is away, and nothing they
+    /// read while it is away is lost. `will` is the publishing connection's
+    /// last will.
+    pub async fn external(config: &crate::config::Config, will: Message) -> Result<Bus, BusError> {
+        let b = &config.broker;
+        let url = b.external.clone().unwrap_or_default();
+        let credentials = b.external_username.clone().map(|u| {
+            let p = b
+                .external_password
+                .as_ref()
+                .map(|s| s.expose().to_string())
+                .unwrap_or_default();
+            (u, p)
         });
+        let client_id = format!("edgebridge-{}", config.gateway.id);
+        let ext = external::External::new(&url, &client_id, credentials)?;
+        let (publish_tx, rx) = mpsc::channel::<Message>(PUBLISH_QUEUE);
+        let publisher = external::publisher(config, &ext, will, rx, publish_tx.downgrade())?;
         Ok(Bus {
             publish_tx,
-            backend: Backend::External(ext),
+            backend: Backend::External(ext, Arc::new(publisher)),
         })
+    }
+
+    /// Stops the external broker's publisher once it has queued what it
+    /// was given (nothing to do on the embedded broker).
+    pub async fn close(&self) {
+        if let Backend::External(_, publisher) = &self.backend {
+            publisher.close().await;
+        }
     }
 
     /// Publishes a message; waits while the bus is saturated.
@@ -102,7 +115,7 @@ impl Bus {
     /// broker honours no-local for the gateway's own clients; an external
     /// MQTT 3.1.1 broker has none.
     pub fn echoes_own_publishes(&self) -> bool {
-        matches!(self.backend, Backend::External(_))
+        matches!(self.backend, Backend::External(..))
     }
 
     /// A new client of the bus that receives messages on `filters`
@@ -122,7 +135,7 @@ impl Bus {
                     inner: SubInner::Local { tx, rx },
                 })
             }
-            Backend::External(ext) => {
+            Backend::External(ext, _) => {
                 let (client, rx) = ext.subscriber(client_id, filters).await?;
                 Ok(Subscription {
                     inner: SubInner::External { client, rx },
@@ -265,19 +278,142 @@ impl Subscription {
 }
 
 mod external {
-    //! The bus on an external broker: one rumqttc connection per bus
-    //! client, each reconnecting with a capped backoff.
+    //! The bus on an external broker: the gateway's publishing goes through
+    //! the bridge engine (a durable queue, in order, see [`publisher`]);
+    //! each subscribing bus client has its own rumqttc connection,
+    //! reconnecting at most [`RECONNECT_MAX`] apart.
 
     use super::*;
-    use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet as CPacket, QoS};
+    use crate::bridge::mqtt::{Endpoint, RemoteOptions, Will};
+    use crate::bridge::queue::QueueLimits;
+    use crate::bridge::{status_topic, Bridge, BridgeSpec, LocalLink};
+    use crate::config::{QueueConfig, ReconnectConfig, TopicRoute};
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet as CPacket, QoS};
+    use tokio_util::sync::CancellationToken;
+
+    /// The longest pause between two connection attempts: the gateway is
+    /// back within this of the broker.
+    pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+    /// The name the publisher has as a bridge (its queue file and status).
+    pub const NAME: &str = "external-broker";
 
     #[derive(Clone)]
     pub struct External {
+        url: String,
         host: String,
         port: u16,
         prefix: String,
         credentials: Option<(String, String)>,
-        will: Option<Message>,
+    }
+
+    /// The running publisher (a bridge task).
+    pub struct Publisher {
+        stop: CancellationToken,
+        task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    }
+
+    impl Publisher {
+        /// Lets the publisher take what is still on its way, queue it and
+        /// close its connection (at most 2 s).
+        pub async fn close(&self) {
+            self.stop.cancel();
+            let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(task) = task {
+                if tokio::time::timeout(Duration::from_secs(2), task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("the external broker's publisher did not stop within 2s");
+                }
+            }
+        }
+    }
+
+    /// The bus side of the publisher: what the gateway publishes, and its
+    /// own status, published back onto the bus (so onto the broker) when
+    /// there is room.
+    struct PublishLink {
+        rx: mpsc::Receiver<Message>,
+        bus: mpsc::WeakSender<Message>,
+    }
+
+    impl LocalLink for PublishLink {
+        async fn recv(&mut self) -> Option<Message> {
+            self.rx.recv().await
+        }
+
+        async fn publish(&mut self, message: Message) -> Result<(), String> {
+            // Never wait on its own input: a full bus skips one status.
+            match self.bus.upgrade() {
+                Some(tx) => tx.try_send(message).map_err(|e| e.to_string()),
+                None => Err("the bus is closed".into()),
+            }
+        }
+
+        fn echoes_own_publishes(&self) -> bool {
+            false
+        }
+    }
+
+    /// Starts the bridge that carries everything the gateway publishes to
+    /// the external broker, with the gateway's last will.
+    pub fn publisher(
+        config: &crate::config::Config,
+        ext: &External,
+        will: Message,
+        rx: mpsc::Receiver<Message>,
+        bus: mpsc::WeakSender<Message>,
+    ) -> Result<Publisher, BusError> {
+        let endpoint = Endpoint::parse(&ext.url).map_err(|e| BusError::External(e.to_string()))?;
+        let remote = RemoteOptions {
+            protocol: crate::config::MqttProtocol::default(),
+            endpoint,
+            client_id: format!("{}-gateway", ext.prefix),
+            username: ext.credentials.as_ref().map(|(u, _)| u.clone()),
+            password: ext
+                .credentials
+                .as_ref()
+                .map(|(_, p)| crate::config::Secret::new(p.clone())),
+            keep_alive: Duration::from_secs(30),
+            clean_session: true,
+            will: Some(Will {
+                topic: will.topic,
+                payload: will.payload,
+                qos: Qos::AtLeastOnce,
+                retain: will.retain,
+            }),
+            tls: None,
+            max_packet_size: 1 << 20,
+            max_inflight: 100,
+        };
+        let spec = BridgeSpec {
+            name: NAME.to_string(),
+            remote,
+            forward: vec![TopicRoute {
+                topics: "#".into(),
+                remote_prefix: String::new(),
+                qos: crate::config::QosLevel(Qos::AtLeastOnce),
+            }],
+            subscribe: Vec::new(),
+            data_dir: config.resolve(&config.gateway.data_dir),
+            limits: QueueLimits::from(&QueueConfig::default()),
+            drain_rate: None,
+            write_behind: None,
+            reconnect: ReconnectConfig {
+                min: Duration::from_millis(100),
+                max: RECONNECT_MAX,
+            },
+            status_topic: status_topic(&config.gateway.id, NAME),
+            keep_message_qos: true,
+        };
+        let bridge = Bridge::open(spec).map_err(|e| BusError::External(e.to_string()))?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(bridge.run(PublishLink { rx, bus }, stop.clone()));
+        Ok(Publisher {
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        })
     }
 
     pub fn qos(q: Qos) -> QoS {
@@ -293,7 +429,6 @@ mod external {
             url: &str,
             client_id: &str,
             credentials: Option<(String, String)>,
-            will: Option<Message>,
         ) -> Result<External, BusError> {
             let rest = url
                 .strip_prefix("mqtt://")
@@ -308,11 +443,11 @@ mod external {
                 None => (rest.to_string(), 1883),
             };
             Ok(External {
+                url: format!("mqtt://{host}:{port}"),
                 host,
                 port,
                 prefix: client_id.to_string(),
                 credentials,
-                will,
             })
         }
 
@@ -324,22 +459,6 @@ mod external {
                 o.set_credentials(u, p);
             }
             o
-        }
-
-        /// The gateway's publishing connection, carrying its last will.
-        pub async fn publisher(&self) -> Result<AsyncClient, BusError> {
-            let mut o = self.options("gateway");
-            if let Some(w) = &self.will {
-                o.set_last_will(LastWill::new(
-                    &w.topic,
-                    w.payload.to_vec(),
-                    QoS::AtLeastOnce,
-                    true,
-                ));
-            }
-            let (client, eventloop) = AsyncClient::new(o, 1024);
-            spawn_loop(eventloop, None, Vec::new());
-            Ok(client)
         }
 
         pub async fn subscriber(
@@ -392,7 +511,7 @@ mod external {
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "external broker connection");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
                     }
                 }
             }

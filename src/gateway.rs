@@ -74,18 +74,8 @@ impl Gateway {
             let bus = Bus::embedded(broker.clone())?;
             (Some(broker), bus)
         } else {
-            let url = config.broker.external.clone().unwrap_or_default();
-            let creds = config.broker.external_username.clone().map(|u| {
-                let p = config
-                    .broker
-                    .external_password
-                    .as_ref()
-                    .map(|s| s.expose().to_string())
-                    .unwrap_or_default();
-                (u, p)
-            });
             let will = Message::new(Status::gateway_topic(&id), "offline").retained();
-            let bus = Bus::external(&url, &format!("edgebridge-{id}"), creds, Some(will)).await?;
+            let bus = Bus::external(&config, will).await?;
             (None, bus)
         };
         let status = Status::new(&id, bus.clone());
@@ -435,6 +425,7 @@ impl Gateway {
         if let Some(b) = &self.broker {
             b.shutdown().await;
         }
+        self.bus.close().await;
         tracing::info!("gateway stopped");
     }
 }

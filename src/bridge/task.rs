@@ -97,6 +97,9 @@ pub struct BridgeSpec {
     pub reconnect: ReconnectConfig,
     /// Retained status topic: `edgebridge/<id>/bridges/<name>/status`.
     pub status_topic: String,
+    /// Each message keeps its own QoS instead of the route's (the external
+    /// broker's publisher, `bus.rs`).
+    pub keep_message_qos: bool,
 }
 
 impl BridgeSpec {
@@ -115,6 +118,7 @@ impl BridgeSpec {
             write_behind: b.queue.write_behind.filter(|d| !d.is_zero()),
             reconnect: b.reconnect,
             status_topic: status_topic(&config.gateway.id, &b.name),
+            keep_message_qos: false,
         })
     }
 
@@ -575,6 +579,11 @@ impl<L: LocalLink> Runner<L> {
         }
         let Some((remote_topic, qos)) = self.spec.uplink(&m.topic) else {
             return;
+        };
+        let qos = if self.spec.keep_message_qos {
+            m.qos
+        } else {
+            qos
         };
         let m = Message {
             topic: remote_topic,

@@ -396,11 +396,25 @@ impl Config {
             )
         })?;
         let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+            let message = strip_location(&e.to_string());
+            // serde points a repeated key at its mapping's start; say where
+            // the repeat is.
+            if message.contains("duplicate") {
+                if let Some((path, (line, column))) = Locator::new(&text).first_duplicate() {
+                    return ConfigErrors::single(err(
+                        line,
+                        column,
+                        format!(
+                            "{path}: key given twice (the first one is earlier in the same block)"
+                        ),
+                    ));
+                }
+            }
             let (line, column) = e
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or_else(|| unlocated_place(&text));
-            ConfigErrors::single(err(line, column, strip_location(&e.to_string())))
+            ConfigErrors::single(err(line, column, message))
         })?;
         config.source = path.to_path_buf();
         let locator = Locator::new(&text);

@@ -117,6 +117,9 @@ fn prev_ws_or_flow(line: &str, i: usize) -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct Locator {
     places: HashMap<String, (usize, usize)>,
+    /// Keys given twice in one mapping: the path and the place of the
+    /// second one.
+    duplicates: Vec<(String, (usize, usize))>,
 }
 
 impl Locator {
@@ -130,7 +133,16 @@ impl Locator {
         }
         Locator {
             places: builder.places,
+            duplicates: builder.duplicates,
         }
+    }
+
+    /// The first key given twice in one mapping: its path and the place of
+    /// the repeat (serde reports the mapping's start instead).
+    pub fn first_duplicate(&self) -> Option<(&str, (usize, usize))> {
+        self.duplicates
+            .first()
+            .map(|(p, place)| (p.as_str(), *place))
     }
 
     /// The 1-based line and column of the value at `path`, or of the
@@ -165,6 +177,7 @@ enum Frame {
 struct Builder {
     stack: Vec<Frame>,
     places: HashMap<String, (usize, usize)>,
+    duplicates: Vec<(String, (usize, usize))>,
 }
 
 impl Builder {
@@ -204,7 +217,10 @@ impl MarkedEventReceiver for Builder {
                         } else {
                             format!("{path}.{text}")
                         };
-                        self.places.insert(format!("{full}#key"), Self::place(mark));
+                        let place = Self::place(mark);
+                        if self.places.insert(format!("{full}#key"), place).is_some() {
+                            self.duplicates.push((full, place));
+                        }
                         *key = Some(text);
                     }
                 } else if let Some(p) = self.next_path() {
@@ -273,6 +289,14 @@ mod tests {
     fn escaped_dollar_stays() {
         assert_eq!(substitute_env("a: $${PW}\n", env).unwrap(), "a: ${PW}\n");
         assert_eq!(substitute_env("a: $5\n", env).unwrap(), "a: $5\n");
+    }
+
+    #[test]
+    fn a_repeated_key_is_found_where_it_repeats() {
+        let text = "gateway: { id: g }\ndevices:\n  - name: a\n    poll: 1s\n    poll: 2s\n";
+        let loc = Locator::new(text);
+        assert_eq!(loc.first_duplicate(), Some(("devices[0].poll", (5, 5))));
+        assert_eq!(Locator::new("a: 1\nb: 2\n").first_duplicate(), None);
     }
 
     #[test]

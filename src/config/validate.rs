@@ -1494,6 +1494,20 @@ mod access_tests {
         assert!(crate::config::validate::warnings(&c).is_empty());
     }
 
+    /// Issue 13: a key given twice is reported where it repeats, not at
+    /// the start of its block (serde's place).
+    #[test]
+    fn a_repeated_key_is_reported_where_it_repeats() {
+        let text = "gateway: { id: gw }\ndevices:\n  - name: a\n    driver: simulator\n    poll: 1s\n    poll: 2s\n    points: [{ name: p, wave: sine }]\n";
+        let e = Config::from_text(Path::new("c.yaml"), text, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.yaml:6:5: devices[0].poll: key given twice"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn mqtt5_listeners_load_with_a_deprecation_note() {
         let c = load("  listeners: [{ bind: \"127.0.0.1:1884\", protocol: mqtt5 }]\n").unwrap();

@@ -1428,3 +1428,68 @@ async fn a_full_disk_during_an_outage_loses_nothing_uncounted() {
     task.await.unwrap();
     drop(fs);
 }
+
+/// Issue 13: in external-broker mode (`broker.enabled: false`) the broker
+/// is away for 30 s. The readings taken meanwhile are queued on disk and
+/// all arrive, in order, once it is back; the gateway is back within 5 s
+/// of the broker; the driver never stalls (no gap in the readings' times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn external_broker_mode_stores_and_forwards_through_an_outage() {
+    const POLL_MS: i64 = 100;
+    let mut site = Mosquitto::start(Security::Plain);
+    let (_app, mut seen) = remote_subscriber(site.port(), "it-site-app", "PV/#", false).await;
+    let data = data_dir();
+    let yaml = format!(
+        "gateway: {{ id: gw-ext, data_dir: {} }}\nbroker: {{ enabled: false, external: {} }}\n\
+         devices:\n  - {{ name: pv, driver: simulator, poll: {POLL_MS}ms, points: [{{ name: p, wave: ramp }}] }}\n\
+         mappings:\n  - {{ match: 'pv/p', topic: 'PV/p', payload: json, qos: 1 }}\n",
+        data.path().display(),
+        site.url()
+    );
+    let gw = crate::support::start(&yaml).await;
+    let ts_of = |p: &Bytes| -> i64 {
+        let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+        v["ts"].as_i64().unwrap()
+    };
+    let mut times = vec![ts_of(&next_remote(&mut seen).await.1)];
+    site.stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    site.restart();
+    let back = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let restarted = tokio::time::Instant::now();
+    let mut first_new = None;
+    while restarted.elapsed() < Duration::from_secs(10) {
+        let Ok(Some((_, p))) = tokio::time::timeout(Duration::from_secs(1), seen.recv()).await
+        else {
+            continue;
+        };
+        let ts = ts_of(&p);
+        if ts >= back && first_new.is_none() {
+            first_new = Some(restarted.elapsed());
+        }
+        times.push(ts);
+    }
+    gw.shutdown().await;
+    let first_new = first_new.expect("no reading taken after the restart arrived");
+    assert!(
+        first_new <= Duration::from_secs(6),
+        "the gateway was back {first_new:?} after the broker"
+    );
+    times.dedup();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "out of order");
+    let gaps: Vec<i64> = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|d| *d > 4 * POLL_MS)
+        .collect();
+    assert!(
+        gaps.is_empty(),
+        "readings missing (gaps in ms: {gaps:?}) over {} readings",
+        times.len()
+    );
+    assert!(times.len() > 350, "only {} readings", times.len());
+}

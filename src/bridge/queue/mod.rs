@@ -196,11 +196,13 @@ impl Reserve {
 
     /// Makes the file `size` bytes of allocated space; whether it is.
     fn take(&mut self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::io::AsRawFd;
         let Ok(f) = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&self.path)
         else {
             return false;
