@@ -86,6 +86,35 @@ pub struct Device {
     /// once.
     repoll: bool,
     pub stats: DeviceStats,
+    /// Timeouts and garbled answers are logged at most once per
+    /// [`FAULT_LOG_EVERY`], each line with the counter's value, so that
+    /// what the log says adds up to the `stats` topic and the metrics.
+    fault_log: FaultLog,
+}
+
+/// How often a device's timeouts and garbled answers are logged at most.
+const FAULT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct FaultLog {
+    last: Option<Instant>,
+    /// Faults since the last line.
+    unlogged: u64,
+}
+
+impl FaultLog {
+    /// Counts one fault; whether to log now, and how many the line covers.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < FAULT_LOG_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl Device {
@@ -107,6 +136,7 @@ impl Device {
             next_due: Instant::now(),
             repoll: false,
             stats: DeviceStats::default(),
+            fault_log: FaultLog::default(),
         }
     }
 
@@ -213,6 +243,13 @@ impl Device {
                     RequestError::Timeout(_) => self.stats.timeouts += 1,
                     RequestError::Protocol(_) => self.stats.garbled += 1,
                     _ => {}
+                }
+                if matches!(e, RequestError::Timeout(_) | RequestError::Protocol(_)) {
+                    if let Some(faults) = self.fault_log.note(Instant::now()) {
+                        tracing::warn!(device = %self.name, error = %e, faults,
+                            timeouts = self.stats.timeouts, garbled = self.stats.garbled,
+                            "request failed ({faults} timeouts or garbled answers since the last such line; the totals are the device's counters)");
+                    }
                 }
                 return Some(Err(e));
             }
@@ -434,6 +471,30 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+
+    /// Issue 13: what the log says adds up to the counters. Every fault is
+    /// covered by exactly one line's `faults`, however many lines the rate
+    /// limit lets through.
+    #[test]
+    fn every_fault_is_covered_by_one_log_line() {
+        let mut log = FaultLog::default();
+        let mut covered = 0;
+        let mut lines = 0;
+        let mut now = Instant::now();
+        for i in 0..100u64 {
+            if let Some(n) = log.note(now) {
+                covered += n;
+                lines += 1;
+            }
+            if i % 10 == 9 {
+                now += FAULT_LOG_EVERY / 4;
+            }
+        }
+        // What the next line will report.
+        covered += log.unlogged;
+        assert_eq!(covered, 100);
+        assert!((2..=4).contains(&lines), "{lines} lines for 25 s of faults");
+    }
 
     fn device(extra: &str) -> Device {
         let text = format!(
