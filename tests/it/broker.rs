@@ -776,3 +776,34 @@ async fn a_qos2_publisher_may_use_every_packet_id() {
     reader.await.unwrap();
     gw.shutdown().await;
 }
+
+/// A mapping's `qos:` is the QoS its messages have on the local bus: a
+/// LAN client subscribed at QoS 2 gets a `qos: 1` mapping's messages at
+/// QoS 1 and a `qos: 0` mapping's at QoS 0 (issue 18: with rumqttd every
+/// in-process publish went out at QoS 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mappings_qos_is_the_qos_on_the_local_bus() {
+    let yaml = support::yaml_with_broker(
+        "devices:\n  - { name: d, driver: simulator, poll: 50ms, points: [{ name: a, wave: sine }, { name: b, wave: sine }] }\n\
+         mappings:\n  - { match: 'd/a', topic: 'q/one', qos: 1 }\n  - { match: 'd/b', topic: 'q/zero', qos: 0 }\n",
+    );
+    let gw = support::start(&yaml).await;
+    let addr = support::mqtt_addr(&gw);
+    let o = rumqttc::MqttOptions::new("t-qos", addr.ip().to_string(), addr.port());
+    let (c, mut events) = rumqttc::AsyncClient::new(o, 10);
+    c.subscribe("q/#", QoS::ExactlyOnce).await.unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while seen.len() < 2 {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                seen.insert(p.topic.clone(), p.qos);
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("got {seen:?}, then {other:?}"),
+        }
+    }
+    assert_eq!(seen["q/one"], QoS::AtLeastOnce);
+    assert_eq!(seen["q/zero"], QoS::AtMostOnce);
+    gw.shutdown().await;
+}
