@@ -40,7 +40,12 @@ impl Sample {
         if let Json::Object(map) = &json {
             let only_reading_keys = map
                 .keys()
-                .all(|k| matches!(k.as_str(), "value" | "unit" | "ts"));
+                .all(|k| matches!(k.as_str(), "value" | "unit" | "ts" | "error"));
+            // A bad-quality reading (`{"value":null,"error":…}`) has no
+            // value to post: the platform would take the object for one.
+            if only_reading_keys && map.contains_key("error") {
+                return None;
+            }
             if only_reading_keys {
                 if let (Some(value), Some(ts)) =
                     (map.get("value"), map.get("ts").and_then(Json::as_i64))
@@ -148,6 +153,17 @@ mod tests {
         assert_eq!(s("on").value, json!("on"));
         assert_eq!(s("1").time, 7);
         assert_eq!(Sample::from_local(b"  ", 7), None);
+    }
+
+    #[test]
+    fn a_bad_quality_reading_posts_nothing() {
+        // Issue 18: its whole JSON object was posted as the value.
+        let bad = br#"{"value":null,"error":"timeout","unit":"kW","ts":1700000000123}"#;
+        assert_eq!(Sample::from_local(bad, 7), None);
+        // A device's own JSON that merely has an `error` key among others
+        // is still a value.
+        let own = br#"{"error":0,"code":3}"#;
+        assert!(Sample::from_local(own, 7).is_some());
     }
 
     #[test]
