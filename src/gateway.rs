@@ -294,7 +294,7 @@ impl Gateway {
     /// and the errors come back. `None` when no rules are configured.
     pub async fn reload_rules(&self) -> Option<Result<ReloadReport, RuleErrors>> {
         match &self.rules {
-            Some(r) => Some(r.reload().await),
+            Some(r) => Some(r.reload(&self.config).await),
             None => None,
         }
     }

@@ -552,6 +552,44 @@ async fn on_line_turns_gps_lines_from_a_serial_port_into_readings() {
     gw.shutdown().await;
 }
 
+/// Issue 18: a serial-line device added by a reload (SIGHUP) reaches the
+/// rules' `on_line` (the rules thread kept the device set of the start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_line_device_added_by_a_reload_reaches_on_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut port = crate::support::pty::LinePort::start(&dir.path().join("ttyGPS"));
+    let rest = |devices: &str| {
+        format!(
+            "{devices}mappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}', payload: json }}\nrules: {{ dir: {}, deadline: 1s }}\n",
+            repo().join("rules").display()
+        )
+    };
+    let mut gw = support::start(&support::yaml_with_broker(&rest(
+        "devices:\n  - { name: sim, driver: simulator, poll: 1s, points: [{ name: p, wave: sine }] }\n",
+    )))
+    .await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-gps-reload", &["devices/gps/#"]).await;
+    let with_gps = support::yaml_with_broker(&rest(&format!(
+        "devices:\n  - {{ name: sim, driver: simulator, poll: 1s, points: [{{ name: p, wave: sine }}] }}\n  - {{ name: gps, driver: serial-line, port: {}, baud: 4800 }}\n",
+        port.path().display()
+    )));
+    let report = gw
+        .reload(support::config(&with_gps))
+        .await
+        .expect("reload applies");
+    assert_eq!(report.devices.started, ["gps"]);
+    gw.reload_rules()
+        .await
+        .expect("rules configured")
+        .expect("rules reload");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    port.send(b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n")
+        .await;
+    let lat = json(&c.expect("devices/gps/lat", WAIT).await);
+    assert_eq!(lat["value"], 48.1173);
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cmd_led_switches_a_coil_on_a_modbus_rtu_device() {
     use crate::support::modbus_sim::{RtuBus, Sim};

@@ -49,7 +49,10 @@ const BYPASS_LOG_EVERY: Duration = Duration::from_secs(10);
 enum Input {
     Batch(ReadingBatch),
     Message(Message),
-    Reload(oneshot::Sender<Result<ReloadReport, RuleErrors>>),
+    Reload(
+        oneshot::Sender<Result<ReloadReport, RuleErrors>>,
+        DeviceFacts,
+    ),
     Stats(oneshot::Sender<Vec<RuleStats>>),
     /// Everything queued before it has been handled; the thread ends.
     Stop(oneshot::Sender<()>),
@@ -87,17 +90,59 @@ struct Subscriber {
 
 /// Executes `write()` through the gateway's devices, converting the value
 /// to the point's type the way `commands:` do.
+/// What the rules need to know of the configured devices; taken from the
+/// config at start and again at every reload (SIGHUP).
+struct DeviceFacts {
+    /// Each point's type (`None`: untyped), for `write()`.
+    types: HashMap<(String, String), Option<DataType>>,
+    /// The serial-line devices, whose `line` readings go to `on_line`.
+    serial_line: HashSet<String>,
+}
+
+impl DeviceFacts {
+    fn of(config: &Config) -> DeviceFacts {
+        let types = config
+            .devices
+            .iter()
+            .flat_map(|d| {
+                d.points.iter().map(move |p| {
+                    let typed = p.table.is_some() || p.data_type.is_some();
+                    (
+                        (d.name.clone(), p.name.clone()),
+                        typed.then(|| p.data_type()),
+                    )
+                })
+            })
+            .collect();
+        let serial_line = config
+            .devices
+            .iter()
+            .filter(|d| d.driver == DriverKind::SerialLine)
+            .map(|d| d.name.clone())
+            .collect();
+        DeviceFacts { types, serial_line }
+    }
+}
+
+type PointTypes = Arc<std::sync::RwLock<HashMap<(String, String), Option<DataType>>>>;
+
 struct GatewayWriter {
     devices: Devices,
     handle: Handle,
-    types: HashMap<(String, String), Option<DataType>>,
+    /// Shared with the worker, which replaces them on a reload.
+    types: PointTypes,
 }
 
 impl DeviceWriter for GatewayWriter {
     fn write(&self, device: &str, point: &str, value: &Value) -> CommandResult {
-        let ty = self.types.get(&(device.to_string(), point.to_string()));
+        let ty = self
+            .types
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(device.to_string(), point.to_string()))
+            .copied();
         let value = match ty {
-            Some(Some(ty)) => coerce(value.clone(), *ty)?,
+            Some(Some(ty)) => coerce(value.clone(), ty)?,
             _ => value.clone(),
         };
         self.handle
@@ -117,30 +162,13 @@ impl RulesRuntime {
         status: Status,
     ) -> std::io::Result<Arc<RulesRuntime>> {
         let handle = Handle::current();
-        let types = config
-            .devices
-            .iter()
-            .flat_map(|d| {
-                d.points.iter().map(move |p| {
-                    let typed = p.table.is_some() || p.data_type.is_some();
-                    (
-                        (d.name.clone(), p.name.clone()),
-                        typed.then(|| p.data_type()),
-                    )
-                })
-            })
-            .collect();
+        let DeviceFacts { types, serial_line } = DeviceFacts::of(config);
+        let types: PointTypes = Arc::new(std::sync::RwLock::new(types));
         rules.set_writer(Arc::new(GatewayWriter {
             devices,
             handle: handle.clone(),
-            types,
+            types: types.clone(),
         }));
-        let serial_line: HashSet<String> = config
-            .devices
-            .iter()
-            .filter(|d| d.driver == DriverKind::SerialLine)
-            .map(|d| d.name.clone())
-            .collect();
         let filters = rules.subscriptions();
         let (input, rx) = mpsc::channel(RULES_QUEUE);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -155,6 +183,7 @@ impl RulesRuntime {
             bus: bus.clone(),
             handle,
             serial_line,
+            types,
         };
         std::thread::Builder::new()
             .name("rules".into())
@@ -229,8 +258,10 @@ impl RulesRuntime {
 
     /// Compiles the rules folder again and swaps the set in if it
     /// compiles; otherwise the running rules stay and the errors are
-    /// returned.
-    pub async fn reload(&self) -> Result<ReloadReport, RuleErrors> {
+    /// returned. The devices of `config` (the one now running) replace
+    /// those the rules knew: their point types for `write()` and which
+    /// ones are serial-line devices for `on_line`.
+    pub async fn reload(&self, config: &Config) -> Result<ReloadReport, RuleErrors> {
         let (tx, rx) = oneshot::channel();
         let gone = || {
             RuleErrors(vec![super::RuleError::Io {
@@ -239,7 +270,7 @@ impl RulesRuntime {
             }])
         };
         self.input
-            .send(Input::Reload(tx))
+            .send(Input::Reload(tx, DeviceFacts::of(config)))
             .await
             .map_err(|_| gone())?;
         let report = rx.await.map_err(|_| gone())??;
@@ -419,6 +450,8 @@ struct Worker {
     bus: Bus,
     handle: Handle,
     serial_line: HashSet<String>,
+    /// The point types `write()` converts to (shared with the writer).
+    types: PointTypes,
 }
 
 impl Worker {
@@ -446,7 +479,11 @@ impl Worker {
                     self.rule_output(result.publishes, &mut out);
                     self.publish(out);
                 }
-                Input::Reload(reply) => {
+                Input::Reload(reply, facts) => {
+                    // Even when the rules do not compile: the devices
+                    // changed with the config already.
+                    *self.types.write().unwrap_or_else(|e| e.into_inner()) = facts.types;
+                    self.serial_line = facts.serial_line;
                     let result = self.reload();
                     let _ = reply.send(result);
                 }
