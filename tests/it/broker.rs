@@ -807,3 +807,47 @@ async fn a_mappings_qos_is_the_qos_on_the_local_bus() {
     assert_eq!(seen["q/zero"], QoS::AtMostOnce);
     gw.shutdown().await;
 }
+
+/// An MQTT 5 client with session expiry 0 that says DISCONNECT and
+/// reconnects at once with clean start 0 has no session to resume: CONNACK
+/// says "session present" 0 even while the old connection is still
+/// closing (Paho's test_session_expiry failed 1 run in 5 on that race).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_never_present_on_a_quick_reconnect() {
+    let gw = support::start(&support::yaml_with_broker("")).await;
+    let addr = support::mqtt_addr(&gw);
+    // CONNECT, MQTT 5, clean start 0, keep-alive 0, no properties (session
+    // expiry 0), client id "t-expiry".
+    let mut resume = Vec::new();
+    string("MQTT", &mut resume);
+    resume.extend_from_slice(&[5, 0x00, 0, 0, 0]);
+    string("t-expiry", &mut resume);
+    let resume = packet(0x10, &resume);
+    for round in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect(5, "t-expiry", None)).await.unwrap();
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; usize::from(head[1])];
+        s.read_exact(&mut body).await.unwrap();
+        // SUBSCRIBE id 1, no properties, "expiry/#" QoS 1, then DISCONNECT.
+        let mut sub = vec![0, 1, 0];
+        string("expiry/#", &mut sub);
+        sub.push(1);
+        s.write_all(&packet(0x82, &sub)).await.unwrap();
+        let mut suback = [0u8; 2];
+        s.read_exact(&mut suback).await.unwrap();
+        let mut rest = vec![0u8; usize::from(suback[1])];
+        s.read_exact(&mut rest).await.unwrap();
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+        drop(s);
+        let ack = connack(addr, &resume).await.expect("a CONNACK");
+        assert_eq!(
+            ack[0] & 1,
+            0,
+            "round {round}: session present after expiry 0: {ack:?}"
+        );
+        assert_eq!(ack[1], 0, "round {round}: {ack:?}");
+    }
+    gw.shutdown().await;
+}
