@@ -868,13 +868,7 @@ impl Queue {
             return Ok(0);
         }
         let excess = self.bytes - self.limits.max_bytes;
-        let (last_id, n, freed) = self.oldest_covering(excess)?;
-        if n == 0 {
-            return Ok(0);
-        }
-        self.delete_through(last_id, n, freed)?;
-        self.count_drops(n);
-        Ok(n)
+        self.drop_oldest_on_disk(excess)
     }
 
     fn count_drops(&mut self, n: u64) {
