@@ -26,6 +26,7 @@ mod fitter;
 mod hooks;
 mod local;
 mod persist;
+mod router;
 mod sessions;
 mod share;
 mod sys;
@@ -151,6 +152,7 @@ impl EmbeddedBroker {
             admission.clone(),
             backlog.clone(),
         ));
+        *scx.extends.router_mut().await = Box::new(router::SerialRouter::new(&scx));
         *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
             max_keep_alive: u16::try_from(b.max_keep_alive.as_secs()).unwrap_or(u16::MAX),
         });
