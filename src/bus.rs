@@ -26,7 +26,12 @@ pub enum BusError {
 /// A handle to the local bus; cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
-    publish_tx: mpsc::Sender<Message>,
+    /// To the external broker's publisher.
+    publish_tx: Option<mpsc::Sender<Message>>,
+    /// On the embedded broker: publishes are handed to the broker on the
+    /// caller's task, so that when `publish` returns, a strict bridge has
+    /// the message in its inbox (`bridge/queue/inbox.rs`).
+    direct: Option<Arc<LocalPublisher>>,
     backend: Backend,
 }
 
@@ -37,14 +42,13 @@ enum Backend {
 }
 
 impl Bus {
-    /// A bus on the embedded broker. One task hands the gateway's messages
-    /// to the broker in order.
+    /// A bus on the embedded broker. Each publish is handed to the broker
+    /// by the publishing task itself, in order.
     pub fn embedded(broker: Arc<EmbeddedBroker>) -> Result<Bus, BusError> {
         let publisher = broker.publisher_as("edgebridge-publisher");
-        let (publish_tx, rx) = mpsc::channel(PUBLISH_QUEUE);
-        tokio::spawn(run_publisher(publisher, rx));
         Ok(Bus {
-            publish_tx,
+            publish_tx: None,
+            direct: Some(Arc::new(publisher)),
             backend: Backend::Embedded(broker),
         })
     }
@@ -75,7 +79,8 @@ impl Bus {
         let (publish_tx, rx) = mpsc::channel::<Message>(PUBLISH_QUEUE);
         let publisher = external::publisher(config, &ext, will, rx, publish_tx.downgrade())?;
         Ok(Bus {
-            publish_tx,
+            publish_tx: Some(publish_tx),
+            direct: None,
             backend: Backend::External(ext, Arc::new(publisher)),
         })
     }
@@ -88,10 +93,17 @@ impl Bus {
         }
     }
 
-    /// Publishes a message; waits while the bus is saturated.
+    /// Publishes a message; waits while the bus is saturated. On the
+    /// embedded broker, when this returns the message has been routed: a
+    /// QoS 1/2 message for a strict bridge is in its inbox on disk.
     pub async fn publish(&self, msg: Message) {
         crate::ops::metrics::bus_message();
-        if self.publish_tx.send(msg).await.is_err() {
+        if let Some(direct) = &self.direct {
+            direct.publish(msg).await;
+            return;
+        }
+        let Some(tx) = &self.publish_tx else { return };
+        if tx.send(msg).await.is_err() {
             tracing::debug!("bus closed; message dropped at shutdown");
         }
     }
@@ -100,10 +112,11 @@ impl Bus {
     /// broker and delivered to connected clients, or `limit` passes.
     pub async fn flush(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
-        while self.publish_tx.capacity() < self.publish_tx.max_capacity()
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // On the embedded broker there is nothing in between.
+        if let Some(tx) = &self.publish_tx {
+            while tx.capacity() < tx.max_capacity() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         // The client connections run on other tasks; give them a moment to
         // write what they were handed.
@@ -126,10 +139,27 @@ impl Bus {
         client_id: &str,
         filters: &[(String, Qos)],
     ) -> Result<Subscription, BusError> {
+        self.subscribe_with_inbox(client_id, filters, None).await
+    }
+
+    /// [`Bus::subscribe`] for a strict bridge: on the embedded broker its
+    /// QoS 1/2 messages go to `inbox` (written before the publisher is
+    /// acknowledged) instead of the subscription. An external broker has
+    /// no such thing: everything comes through the subscription.
+    pub async fn subscribe_with_inbox(
+        &self,
+        client_id: &str,
+        filters: &[(String, Qos)],
+        inbox: Option<std::sync::Arc<crate::bridge::queue::inbox::Inbox>>,
+    ) -> Result<Subscription, BusError> {
         match &self.backend {
             Backend::Embedded(broker) => {
                 let names: Vec<String> = filters.iter().map(|(f, _)| f.clone()).collect();
-                let rx = broker.subscribe(client_id, &names).await;
+                let durable = inbox.map(|inbox| crate::broker::Durable {
+                    inbox,
+                    qos: filters.iter().map(|(_, q)| *q).collect(),
+                });
+                let rx = broker.subscribe(client_id, &names, durable).await;
                 let tx = broker.publisher_as(client_id);
                 Ok(Subscription {
                     inner: SubInner::Local { tx, rx },
@@ -142,12 +172,6 @@ impl Bus {
                 })
             }
         }
-    }
-}
-
-async fn run_publisher(publisher: LocalPublisher, mut rx: mpsc::Receiver<Message>) {
-    while let Some(m) = rx.recv().await {
-        publisher.publish(m).await;
     }
 }
 
@@ -406,6 +430,7 @@ mod external {
             },
             status_topic: status_topic(&config.gateway.id, NAME),
             keep_message_qos: true,
+            strict: false,
         };
         let bridge = Bridge::open(spec).map_err(|e| BusError::External(e.to_string()))?;
         let stop = CancellationToken::new();

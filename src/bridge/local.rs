@@ -30,8 +30,9 @@ impl BusLink {
         bus: &Bus,
         client_id: &str,
         filters: &[(String, crate::model::Qos)],
+        inbox: Option<std::sync::Arc<super::queue::inbox::Inbox>>,
     ) -> Result<BusLink, BusError> {
-        let sub = bus.subscribe(client_id, filters).await?;
+        let sub = bus.subscribe_with_inbox(client_id, filters, inbox).await?;
         let (sub_rx, tx) = sub.split();
         let (fwd, rx) = mpsc::channel(LINK_QUEUE);
         let reader = sub_rx.forward_to("bridge-rx", fwd)?;
@@ -119,12 +120,17 @@ pub async fn start(
 ) -> Result<RunningBridge, StartError> {
     let name = bridge.spec().name.clone();
     let client_id = format!("edgebridge-bridge-{name}");
-    let link = BusLink::new(bus, &client_id, &bridge.spec().local_filters())
-        .await
-        .map_err(|source| StartError::Bus {
-            bridge: name.clone(),
-            source,
-        })?;
+    let link = BusLink::new(
+        bus,
+        &client_id,
+        &bridge.spec().local_filters(),
+        bridge.strict_inbox(),
+    )
+    .await
+    .map_err(|source| StartError::Bus {
+        bridge: name.clone(),
+        source,
+    })?;
     let status = bridge.status();
     crate::ops::metrics::watch_bridge(&name, status.clone());
     let task = tokio::spawn(bridge.run(link, stop.clone()));

@@ -39,6 +39,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +52,7 @@ use super::mqtt::{
     remote_client, AckTracker, Backoff, RemoteConnection, RemoteError, RemoteEvent, RemoteOptions,
     RemoteSender, SetupError,
 };
+use super::queue::inbox::Inbox;
 use super::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
 use crate::config::{BridgeConfig, Config, ReconnectConfig, TopicRoute};
 use crate::model::{now_ms, Message, Millis, Qos};
@@ -78,6 +80,11 @@ pub enum BridgeError {
     Setup(#[from] SetupError),
     #[error("bridge `{bridge}`: {source}")]
     Queue { bridge: String, source: QueueError },
+    #[error("bridge `{bridge}`: inbox: {source}")]
+    Inbox {
+        bridge: String,
+        source: std::io::Error,
+    },
 }
 
 /// Everything a bridge needs, resolved from the config.
@@ -100,6 +107,9 @@ pub struct BridgeSpec {
     /// Each message keeps its own QoS instead of the route's (the external
     /// broker's publisher, `bus.rs`).
     pub keep_message_qos: bool,
+    /// `queue.strict`: QoS 1/2 messages reach the bridge through its inbox
+    /// log, written before the publisher's acknowledgement.
+    pub strict: bool,
 }
 
 impl BridgeSpec {
@@ -119,6 +129,7 @@ impl BridgeSpec {
             reconnect: b.reconnect,
             status_topic: status_topic(&config.gateway.id, &b.name),
             keep_message_qos: false,
+            strict: b.queue.strict,
         })
     }
 
@@ -229,10 +240,14 @@ const DISK_FULL_BATCH: usize = 32;
 const ECHO_TTL: Duration = Duration::from_secs(10);
 const ECHO_MAX: usize = 4096;
 
-/// A bridge ready to run: its queue is open.
+/// A bridge ready to run: its queue and inbox are open.
 pub struct Bridge {
     spec: BridgeSpec,
     queue: Queue,
+    inbox: Arc<Inbox>,
+    /// Acknowledged to their publishers before the last stop and not in
+    /// the queue yet: taken in first (see `queue/inbox.rs`).
+    recovered: Vec<(u64, Message)>,
     status: watch::Sender<BridgeStatus>,
 }
 
@@ -254,6 +269,17 @@ impl Bridge {
                     source,
                 }
             })?;
+        // Opened whether or not the bridge is strict now: what a strict run
+        // left in it was acknowledged and must not be lost.
+        let (inbox, recovered) = Inbox::open(&spec.data_dir, &spec.name, queue.inbox_mark())
+            .map_err(|source| BridgeError::Inbox {
+                bridge: spec.name.clone(),
+                source,
+            })?;
+        if !recovered.is_empty() {
+            tracing::info!(bridge = %spec.name, messages = recovered.len(),
+                "acknowledged messages from before the last stop taken from the inbox into the queue");
+        }
         let stats = queue.stats();
         let mut initial = BridgeStatus {
             queue_depth: stats.depth,
@@ -272,12 +298,20 @@ impl Bridge {
         Ok(Bridge {
             spec,
             queue,
+            inbox: Arc::new(inbox),
+            recovered,
             status,
         })
     }
 
     pub fn spec(&self) -> &BridgeSpec {
         &self.spec
+    }
+
+    /// The inbox the broker writes this bridge's QoS 1/2 messages to, in
+    /// strict mode (`queue.strict`).
+    pub fn strict_inbox(&self) -> Option<Arc<Inbox>> {
+        self.spec.strict.then(|| self.inbox.clone())
     }
 
     /// Live status (for metrics and tests).
@@ -438,6 +472,9 @@ struct Runner<L> {
     flush_failed_at: Option<Instant>,
     /// Set while the file system refuses appends (see [`DiskFull`]).
     disk_full: Option<DiskFull>,
+    inbox: Arc<Inbox>,
+    /// The last inbox record taken.
+    taken_seq: u64,
 }
 
 /// A full disk is a state, logged when it starts and when it ends: while
@@ -459,6 +496,8 @@ impl<L: LocalLink> Runner<L> {
         let Bridge {
             spec,
             queue,
+            inbox,
+            recovered,
             status: status_tx,
         } = bridge;
         let (sender, conn) = remote_client(&spec.remote);
@@ -469,7 +508,7 @@ impl<L: LocalLink> Runner<L> {
         let status = status_tx.borrow().clone();
         let backoff = Backoff::new(spec.reconnect.min, spec.reconnect.max);
         let spec_pacer = spec.drain_rate.map(|r| Pacer::new(r, Instant::now()));
-        Runner {
+        let mut runner = Runner {
             spec,
             queue,
             status_tx,
@@ -497,7 +536,27 @@ impl<L: LocalLink> Runner<L> {
             disk_full: None,
             pacer: spec_pacer,
             flush_failed_at: None,
+            inbox,
+            taken_seq: 0,
+        };
+        for (seq, m) in recovered {
+            runner.map_uplink(m);
+            runner.taken_seq = seq;
         }
+        runner
+    }
+
+    /// Takes what the broker wrote to the inbox, up to a batch.
+    fn take_inbox(&mut self) {
+        for (seq, m) in self.inbox.take(APPEND_BATCH) {
+            self.map_uplink(m);
+            self.taken_seq = seq;
+        }
+    }
+
+    /// Room for more messages from the bus or the inbox.
+    fn has_room(&self) -> bool {
+        self.unsaved.len() < MAX_UNSAVED || self.disk_full.is_some()
     }
 
     async fn run(mut self) {
@@ -507,6 +566,9 @@ impl<L: LocalLink> Runner<L> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.has_room() {
+                self.take_inbox();
+            }
             self.persist();
             self.fill_window();
             let rate_wait = self.rate_limited();
@@ -532,7 +594,8 @@ impl<L: LocalLink> Runner<L> {
                         break;
                     }
                 },
-                m = self.local.recv(), if self.local_open && (self.unsaved.len() < MAX_UNSAVED || self.disk_full.is_some()) => {
+                _ = self.inbox.arrived(), if self.has_room() => {}
+                m = self.local.recv(), if self.local_open && self.has_room() => {
                     match m {
                         Some(m) => self.take_local(m).await,
                         None => {
@@ -752,6 +815,13 @@ impl<L: LocalLink> Runner<L> {
         if self.write_at().is_some_and(|at| at <= Instant::now()) {
             self.flush_staged();
         }
+        // Everything taken from the inbox is in the queue (or dropped,
+        // counted): the queue records that with its next write, and the
+        // inbox lets go of what the queue has recorded.
+        if self.unsaved.is_empty() {
+            self.queue.mark_inbox(self.taken_seq);
+        }
+        self.inbox.release(self.queue.inbox_mark());
         // Deleted with the next write (at most `flush_delay` later); a
         // crash before that sends them again: at least once.
         self.queue.ack_later(&self.acked);
@@ -1079,6 +1149,13 @@ impl<L: LocalLink> Runner<L> {
         let connected = std::mem::replace(&mut self.connected, false);
         self.spill_direct();
         // Take what already reached the bridge's link, without waiting.
+        while self.unsaved.len() < MAX_UNSAVED {
+            let before = self.taken_seq;
+            self.take_inbox();
+            if self.taken_seq == before {
+                break;
+            }
+        }
         while self.local_open && self.unsaved.len() < MAX_UNSAVED {
             match tokio::time::timeout(Duration::ZERO, self.local.recv()).await {
                 Ok(Some(m)) => self.map_uplink(m),
@@ -1112,6 +1189,7 @@ impl<L: LocalLink> Runner<L> {
             self.persist();
         }
         self.flush_staged();
+        self.inbox.release(self.queue.inbox_mark());
         self.driver_stop.cancel();
         let _ = (&mut self.driver).await;
         self.status.connected = false;

@@ -35,6 +35,7 @@ use rmqtt::types::{
 };
 use tokio::sync::mpsc;
 
+use crate::bridge::queue::inbox::Inbox;
 use crate::model::{Message, Qos};
 
 /// Messages waiting for one in-process subscriber before publishers wait.
@@ -62,7 +63,22 @@ struct Subscriber {
     client_id: String,
     filters: Vec<String>,
     tx: mpsc::Sender<Message>,
+    durable: Option<Durable>,
 }
+
+/// A subscriber that wants QoS 1/2 messages in its inbox (a strict bridge,
+/// see `bridge/queue/inbox.rs`): written there before the publisher is
+/// acknowledged, instead of going through the channel.
+pub struct Durable {
+    pub inbox: Arc<Inbox>,
+    /// The QoS of each filter, in the order of the filters: a message goes
+    /// to the inbox when its QoS and that of the first filter it matches
+    /// are 1 or more (the bridge forwards it by its first matching route).
+    pub qos: Vec<Qos>,
+}
+
+/// The inbox did not take a message (a full disk): logged once per episode.
+static INBOX_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The registry of in-process subscribers; shared by the broker and [`Tap`].
 #[derive(Default)]
@@ -74,7 +90,12 @@ pub struct LocalClients {
 impl LocalClients {
     /// Registers `client_id` for `filters`; messages arrive on the receiver
     /// until [`LocalClients::remove`] is called with the returned key.
-    pub fn add(&self, client_id: &str, filters: Vec<String>) -> (u64, mpsc::Receiver<Message>) {
+    pub fn add(
+        &self,
+        client_id: &str,
+        filters: Vec<String>,
+        durable: Option<Durable>,
+    ) -> (u64, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let sub = Arc::new(Subscriber {
@@ -82,6 +103,7 @@ impl LocalClients {
             client_id: client_id.to_string(),
             filters,
             tx,
+            durable,
         });
         self.write().push(sub);
         (key, rx)
@@ -111,6 +133,33 @@ impl LocalClients {
     /// (see the module docs).
     pub async fn deliver(&self, from: &str, msg: &Message) {
         for sub in self.matching(from, &msg.topic) {
+            if let Some(d) = sub.durable.as_ref().filter(|d| d.wants(&sub.filters, msg)) {
+                match d.inbox.put(msg, STALL_LIMIT).await {
+                    Ok(_) => {
+                        if INBOX_FAILING.swap(false, Ordering::Relaxed) {
+                            tracing::info!(subscriber = %sub.client_id, "the inbox takes messages again");
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                        crate::ops::metrics::bus_dropped();
+                        tracing::warn!(subscriber = %sub.client_id, topic = %msg.topic,
+                            "a bridge took nothing from its inbox for {}s: message dropped for it",
+                            STALL_LIMIT.as_secs());
+                        continue;
+                    }
+                    Err(e) => {
+                        // Not on disk (the disk is full): it goes to the
+                        // bridge the ordinary way, which stores it or counts
+                        // it as lost.
+                        if !INBOX_FAILING.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(subscriber = %sub.client_id, error = %e,
+                                "cannot write to the bridge's inbox: QoS 1/2 messages are acknowledged before they are stored until it can");
+                        }
+                    }
+                }
+            }
             let sent = match sub.tx.try_send(msg.clone()) {
                 Ok(()) => continue,
                 Err(mpsc::error::TrySendError::Closed(_)) => continue,
@@ -129,6 +178,17 @@ impl LocalClients {
                 );
             }
         }
+    }
+}
+
+impl Durable {
+    fn wants(&self, filters: &[String], msg: &Message) -> bool {
+        msg.qos != Qos::AtMostOnce
+            && filters
+                .iter()
+                .position(|f| crate::topic::matches(f, &msg.topic))
+                .and_then(|i| self.qos.get(i))
+                .is_some_and(|q| *q != Qos::AtMostOnce)
     }
 }
 
@@ -317,8 +377,8 @@ mod tests {
     #[tokio::test]
     async fn delivers_to_matching_subscribers_but_not_to_the_publisher() {
         let local = LocalClients::default();
-        let (_, mut a) = local.add("edgebridge-a", vec!["PV/#".into()]);
-        let (_, mut b) = local.add("edgebridge-b", vec!["cmd/+".into()]);
+        let (_, mut a) = local.add("edgebridge-a", vec!["PV/#".into()], None);
+        let (_, mut b) = local.add("edgebridge-b", vec!["cmd/+".into()], None);
         local
             .deliver("lan-client", &Message::new("PV/data", "1"))
             .await;
@@ -336,7 +396,7 @@ mod tests {
     #[tokio::test]
     async fn a_removed_subscriber_gets_nothing_more() {
         let local = LocalClients::default();
-        let (key, mut a) = local.add("edgebridge-a", vec!["#".into()]);
+        let (key, mut a) = local.add("edgebridge-a", vec!["#".into()], None);
         local.remove(key);
         local.deliver("x", &Message::new("t", "1")).await;
         assert!(a.recv().await.is_none());

@@ -25,6 +25,7 @@ mod fence;
 mod fitter;
 mod hooks;
 mod local;
+pub use local::Durable;
 mod persist;
 mod router;
 mod sessions;
@@ -390,10 +391,15 @@ impl EmbeddedBroker {
     /// A new in-process client `client_id` subscribed to `filters`: the
     /// retained messages matching them first, then everything published
     /// on them by anyone else.
-    pub async fn subscribe(&self, client_id: &str, filters: &[String]) -> LocalSubscription {
+    pub async fn subscribe(
+        &self,
+        client_id: &str,
+        filters: &[String],
+        durable: Option<Durable>,
+    ) -> LocalSubscription {
         // Retained messages go ahead of live ones, as a broker sends them
         // right after the SUBACK; live ones wait in the channel meanwhile.
-        let (key, rx) = self.local.add(client_id, filters.to_vec());
+        let (key, rx) = self.local.add(client_id, filters.to_vec(), durable);
         let mut retained = std::collections::VecDeque::new();
         {
             let store = self.scx.extends.retain().await;

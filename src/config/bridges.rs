@@ -164,6 +164,15 @@ pub struct QueueConfig {
     /// unset: every message is on disk before it is sent.
     #[serde(default, with = "humantime_serde")]
     pub write_behind: Option<Duration>,
+    /// A QoS 1/2 message from a LAN client (or a driver) for this bridge
+    /// is acknowledged only once it is on disk (the bridge's inbox log);
+    /// `false`: once the broker has taken it.
+    #[serde(default = "default_strict")]
+    pub strict: bool,
+}
+
+fn default_strict() -> bool {
+    true
 }
 
 impl Default for QueueConfig {
@@ -173,6 +182,7 @@ impl Default for QueueConfig {
             max_age: None,
             drain_rate: None,
             write_behind: None,
+            strict: true,
         }
     }
 }

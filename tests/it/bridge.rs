@@ -1493,3 +1493,130 @@ async fn external_broker_mode_stores_and_forwards_through_an_outage() {
     );
     assert!(times.len() > 350, "only {} readings", times.len());
 }
+
+/// A PUBACK means stored (`queue.strict`, the default): a LAN client
+/// publishes a burst at QoS 1 and the gateway is killed with SIGKILL the
+/// moment the last PUBACK arrives, before the bridge has had time to put
+/// the newest messages in its queue. After a restart every acknowledged
+/// message reaches the cloud (the newest ones from the bridge's inbox).
+/// With `write_behind` the bridge keeps the newest messages in memory while
+/// the cloud acknowledges them, so there the inbox is what saves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: run by .ci/run"]
+async fn kill_9_right_after_puback_loses_nothing() {
+    let restarted = kill_9_after_puback("").await;
+    eprintln!("kill -9 after PUBACK: inbox after the restart: {restarted:?}");
+    let restarted = kill_9_after_puback("queue: { write_behind: 1s }").await;
+    assert!(
+        restarted.is_some(),
+        "with write_behind the newest messages can only have come from the inbox"
+    );
+}
+
+/// Runs the burst and the kill with `queue_yaml` for the bridge; returns
+/// the restarted gateway's log line saying what it took from the inbox.
+async fn kill_9_after_puback(queue_yaml: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mosquitto::start(Security::Plain);
+    let (_remote, mut seen) = remote_subscriber(m.port(), "it-cloud-app", "site/#", false).await;
+    let dir = data_dir();
+    let port = crate::support::free_port();
+    let yaml = gateway_yaml(
+        Path::new("./data"),
+        port,
+        &format!(
+            "bridges:\n  - name: cloud\n    url: {}\n    reconnect: {{ min: 100ms, max: 500ms }}\n    \
+             {queue_yaml}\n    \
+             forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n",
+            m.url()
+        ),
+    );
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let status_topic = "edgebridge/gw-it/bridges/cloud/status";
+
+    let bin = crate::support::Binary::spawn(&["run"], dir.path());
+    crate::support::wait_port(addr, WAIT).await;
+    let mut lan = crate::support::Client::connect(addr, "it-lan", &[status_topic]).await;
+    lan.expect_where(WAIT, |g| g.payload.contains("\"connected\":true"))
+        .await
+        .expect("the bridge connects");
+
+    // A raw client, so that nothing sits between the PUBACK and the kill.
+    const N: u16 = 3_000;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let id = b"it-burst";
+    let mut connect = vec![
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0x02,
+        0,
+        60,
+        0,
+        id.len() as u8,
+    ];
+    connect.extend_from_slice(id);
+    s.write_all(&crate::support::packet(0x10, &connect))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut burst = Vec::new();
+    for i in 0..N {
+        let topic = b"PV/seq";
+        let mut body = vec![0, topic.len() as u8];
+        body.extend_from_slice(topic);
+        body.extend_from_slice(&(i + 1).to_be_bytes());
+        body.extend_from_slice(i.to_string().as_bytes());
+        burst.extend(crate::support::packet(0x32, &body));
+    }
+    s.write_all(&burst).await.unwrap();
+    // PUBACKs (4 bytes each) come in order; the last one acknowledges N.
+    let mut acks = vec![0u8; 4 * usize::from(N)];
+    tokio::time::timeout(WAIT, s.read_exact(&mut acks))
+        .await
+        .expect("every PUBACK within 30 s")
+        .unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let killed = unsafe { libc::kill(bin.child.id() as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    assert_eq!(&acks[acks.len() - 4..], &[0x40, 2, (N >> 8) as u8, N as u8]);
+    drop(s);
+    drop(lan);
+    let mut bin = bin;
+    let _ = bin.child.wait();
+
+    let bin2 = crate::support::Binary::spawn(&["run"], dir.path());
+    let mut set = std::collections::HashSet::new();
+    while set.len() < usize::from(N) {
+        match tokio::time::timeout(WAIT, seen.recv()).await {
+            Ok(Some((_, p))) => {
+                set.insert(std::str::from_utf8(&p).unwrap().parse::<u16>().unwrap());
+            }
+            _ => panic!(
+                "only {} of {N} acknowledged messages reached the cloud; first missing {:?}; log after the restart:\n{}",
+                set.len(),
+                (0..N).find(|i| !set.contains(i)),
+                bin2.stderr()
+            ),
+        }
+    }
+    // The log is read once the restarted bridge is up (everything may have
+    // reached the cloud before the kill).
+    crate::support::wait_port(addr, WAIT).await;
+    let mut lan = crate::support::Client::connect(addr, "it-lan-2", &[status_topic]).await;
+    lan.expect_where(WAIT, |g| g.payload.contains("\"connected\":true"))
+        .await
+        .expect("the bridge connects after the restart");
+    bin2.stderr()
+        .lines()
+        .find(|l| l.contains("taken from the inbox"))
+        .map(str::to_string)
+}

@@ -319,6 +319,11 @@ pub struct Queue {
     /// Drops in the current over-limit episode; `Some` while it lasts, so
     /// the warning is logged once per episode, not once per message.
     episode: Option<u64>,
+    /// Every inbox record up to this sequence number is dealt with (stored
+    /// here, or not for this bridge): as committed, and as to be committed
+    /// with the next transaction. See `inbox.rs`.
+    inbox_mark: u64,
+    inbox_pending: u64,
 }
 
 impl std::fmt::Debug for Queue {
@@ -394,6 +399,16 @@ impl Queue {
                 },
             )
             .map_err(|source| sql(&path, source))?;
+        let inbox_mark = conn
+            .query_row("SELECT value FROM meta WHERE key = 'inbox'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|v| u64::try_from(v).unwrap_or(0))
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(0),
+                other => Err(other),
+            })
+            .map_err(|source| sql(&path, source))?;
         let page_size = conn
             .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
             .map_err(|source| sql(&path, source))?;
@@ -420,6 +435,8 @@ impl Queue {
             staged: BTreeMap::new(),
             unacked_deletes: Vec::new(),
             dirty_since: None,
+            inbox_mark,
+            inbox_pending: inbox_mark,
         };
         if depth > 0 {
             tracing::info!(bridge = %name, depth, bytes, "queue reopened with a backlog");
@@ -455,6 +472,20 @@ impl Queue {
     /// message up to it has been seen by whoever peeked after it.
     pub fn last_id(&self) -> i64 {
         self.last_id
+    }
+
+    /// Every inbox record up to this number is dealt with, on disk.
+    pub fn inbox_mark(&self) -> u64 {
+        self.inbox_mark
+    }
+
+    /// Every inbox record up to `seq` is dealt with once what was handed to
+    /// this queue so far is written: the next transaction records it.
+    pub fn mark_inbox(&mut self, seq: u64) {
+        if seq > self.inbox_pending {
+            self.inbox_pending = seq;
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
     }
 
     /// Appends messages in one transaction (group commit), in order, then
@@ -671,7 +702,10 @@ impl Queue {
     }
 
     fn write_pending(&mut self) -> Result<(), QueueError> {
-        if self.staged.is_empty() && self.unacked_deletes.is_empty() {
+        if self.staged.is_empty()
+            && self.unacked_deletes.is_empty()
+            && self.inbox_pending == self.inbox_mark
+        {
             self.dirty_since = None;
             return Ok(());
         }
@@ -717,8 +751,17 @@ impl Queue {
                     removed_bytes += size as u64;
                 }
             }
+            if self.inbox_pending > self.inbox_mark {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('inbox', ?1) \
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )
+                .and_then(|mut st| st.execute(params![self.inbox_pending as i64]))
+                .map_err(|source| sql(&self.path, source))?;
+            }
         }
         tx.commit().map_err(|source| sql(&self.path, source))?;
+        self.inbox_mark = self.inbox_pending;
         self.staged.clear();
         self.unacked_deletes.clear();
         self.dirty_since = None;
@@ -952,6 +995,10 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );";
 
 /// Opens the file, sets it up and checks it. Damage shows as an error for
@@ -1138,5 +1185,6 @@ fn create_private_file(path: &Path) -> Result<(), QueueError> {
         })
 }
 
+pub mod inbox;
 #[cfg(test)]
 mod tests;

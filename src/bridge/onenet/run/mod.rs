@@ -256,7 +256,7 @@ impl OneNetBridge {
             .map(|(t, _)| (t.clone(), Qos::AtLeastOnce))
             .collect();
         filters.push((result_filter(&name, o.mode), Qos::AtLeastOnce));
-        let link = BusLink::new(bus, &format!("edgebridge-onenet-{name}"), &filters)
+        let link = BusLink::new(bus, &format!("edgebridge-onenet-{name}"), &filters, None)
             .await
             .map_err(|source| OneNetError::Bus {
                 bridge: name.clone(),

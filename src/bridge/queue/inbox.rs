@@ -1,0 +1,425 @@
+//! A bridge's inbox: the log that makes "PUBACK means stored" cheap.
+//!
+//! A QoS 1/2 message for a bridge in strict mode must be on disk before the
+//! publisher gets its PUBACK. The broker handles one connection's publishes
+//! one after another and acknowledges each only when it has been routed, so
+//! a wait for the bridge's SQLite transaction on every message would cap a
+//! publisher at one round trip between tasks plus one commit per message.
+//! Instead the broker appends the message to this log on the publisher's own
+//! task before routing it: one `write` system call, after which the message
+//! is in the operating system's page cache and survives `kill -9` of the
+//! gateway (as a SQLite commit with `synchronous=NORMAL` does). The message
+//! also waits in memory for the bridge, with its sequence number
+//! ([`Inbox::take`]), which replaces the bus for it; once the bridge has
+//! stored everything up to a number in its queue (the queue records that
+//! number in the same transaction), the log up to there is let go
+//! ([`Inbox::release`]). At start the bridge takes in what the log holds
+//! past what its queue says it stored ([`Inbox::open`]).
+//!
+//! The log is a series of segment files `bridge-NAME.inbox-FIRSTSEQ`; a
+//! segment is deleted once all its records are stored. A record is
+//! `len u32 | crc32 u32 | seq u64 | qos u8 | retain u8 | topic_len u16 |
+//! topic | payload`, little-endian; reading stops at the first record that
+//! is cut short or fails its checksum (the one being written at a crash).
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::model::{Message, Qos};
+
+/// A segment past this size is closed and a new one begun.
+const SEGMENT_BYTES: u64 = 1 << 20;
+
+const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
+/// Bytes of a record before its body: length and checksum.
+const HEADER: usize = 8;
+
+/// Messages waiting in memory for the bridge before publishers wait.
+const WAITING: usize = 16 * 1024;
+
+pub struct Inbox {
+    dir: PathBuf,
+    prefix: String,
+    state: Mutex<State>,
+    /// One permit per free place in `State::waiting`.
+    room: Semaphore,
+    arrived: Notify,
+}
+
+struct State {
+    file: Option<File>,
+    path: PathBuf,
+    /// The sequence number of the last record written.
+    seq: u64,
+    bytes: u64,
+    /// Closed segments: (last sequence number in it, path).
+    closed: Vec<(u64, PathBuf)>,
+    /// Up to here everything is stored ([`Inbox::release`]).
+    released: u64,
+    buf: Vec<u8>,
+    /// Written and not taken by the bridge yet, in order.
+    waiting: VecDeque<(u64, Message)>,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("dir", &self.dir)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Inbox {
+    /// Opens the inbox of bridge `name` in `data_dir`, whose queue has
+    /// stored everything up to sequence number `stored`. Returns it with
+    /// the messages the log holds past `stored`, in order: they were
+    /// acknowledged to their publishers and must be taken in before
+    /// anything new. The old segments are removed once the caller has
+    /// stored those (its next [`Inbox::release`]); a damaged tail is
+    /// reported and skipped.
+    pub fn open(
+        data_dir: &Path,
+        name: &str,
+        stored: u64,
+    ) -> io::Result<(Inbox, Vec<(u64, Message)>)> {
+        let prefix = format!("bridge-{name}.inbox-");
+        let mut segments = Vec::new();
+        match fs::read_dir(data_dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    let file_name = e.file_name();
+                    let Some(first) = file_name
+                        .to_str()
+                        .and_then(|n| n.strip_prefix(&prefix))
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                    else {
+                        continue;
+                    };
+                    segments.push((first, e.path()));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(data_dir)?,
+            Err(e) => return Err(e),
+        }
+        segments.sort();
+        let mut pending = Vec::new();
+        let mut last = stored;
+        let mut closed = Vec::new();
+        for (_, path) in &segments {
+            let (records, damaged) = read_segment(path)?;
+            if damaged {
+                tracing::warn!(file = %path.display(),
+                    "the bridge inbox ends in a damaged record (a write cut short by a crash); the records before it are kept");
+            }
+            let mut seg_last = 0;
+            for (seq, m) in records {
+                seg_last = seg_last.max(seq);
+                last = last.max(seq);
+                if seq > stored {
+                    pending.push((seq, m));
+                }
+            }
+            closed.push((seg_last.max(stored), path.clone()));
+        }
+        pending.sort_by_key(|(seq, _)| *seq);
+        let inbox = Inbox {
+            dir: data_dir.to_path_buf(),
+            prefix,
+            room: Semaphore::new(WAITING),
+            arrived: Notify::new(),
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                file: None,
+                path: PathBuf::new(),
+                seq: last,
+                bytes: 0,
+                closed,
+                released: stored,
+                buf: Vec::new(),
+            }),
+        };
+        Ok((inbox, pending))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `msg` to the log and hands it to the bridge. Waits while
+    /// the bridge has [`WAITING`] messages to take, at most `patience`:
+    /// then, or on a write error (a full disk), the message is not taken
+    /// and the error says why.
+    pub async fn put(&self, msg: &Message, patience: Duration) -> io::Result<u64> {
+        let permit = match tokio::time::timeout(patience, self.room.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the bridge took nothing from its inbox",
+                ))
+            }
+        };
+        let seq = self.write(msg)?;
+        permit.forget();
+        self.arrived.notify_one();
+        Ok(seq)
+    }
+
+    /// Up to `max` messages written and not taken yet, in order.
+    pub fn take(&self, max: usize) -> Vec<(u64, Message)> {
+        let mut st = self.lock();
+        let n = st.waiting.len().min(max);
+        let out: Vec<_> = st.waiting.drain(..n).collect();
+        drop(st);
+        self.room.add_permits(out.len());
+        out
+    }
+
+    /// Waits until a message may be waiting ([`Inbox::take`]).
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    fn write(&self, msg: &Message) -> io::Result<u64> {
+        let mut st = self.lock();
+        let seq = st.seq + 1;
+        if st.file.is_none() || st.bytes >= SEGMENT_BYTES {
+            self.begin_segment(&mut st, seq)?;
+        }
+        let mut buf = std::mem::take(&mut st.buf);
+        encode(seq, msg, &mut buf);
+        let written = st.file.as_mut().map_or(Ok(()), |f| f.write_all(&buf));
+        let len = buf.len() as u64;
+        st.buf = buf;
+        if let Err(e) = written {
+            // Part of the record may be in the file: the next one goes to a
+            // new segment, so it is not read as the tail of a damaged one.
+            st.file = None;
+            let (last, path) = (st.seq, std::mem::take(&mut st.path));
+            st.closed.push((last, path));
+            return Err(e);
+        }
+        st.seq = seq;
+        st.bytes += len;
+        st.waiting.push_back((seq, msg.clone()));
+        Ok(seq)
+    }
+
+    fn begin_segment(&self, st: &mut State, first: u64) -> io::Result<()> {
+        if st.file.take().is_some() {
+            let path = std::mem::take(&mut st.path);
+            st.closed.push((first - 1, path));
+        }
+        let path = self.dir.join(format!("{}{first:016x}", self.prefix));
+        // A file of this name holds nothing past what is stored (its
+        // numbers would be taken otherwise): it starts over.
+        st.closed.retain(|(_, p)| *p != path);
+        let mut o = OpenOptions::new();
+        o.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let file = o.open(&path)?;
+        file.set_len(0)?;
+        st.file = Some(file);
+        st.path = path;
+        st.bytes = 0;
+        Ok(())
+    }
+
+    /// Everything up to sequence number `upto` is in the queue (or was
+    /// dealt with otherwise): the segments holding only such records go.
+    /// When the open segment is wholly stored too, it starts over empty.
+    pub fn release(&self, upto: u64) {
+        let mut st = self.lock();
+        if upto <= st.released {
+            return;
+        }
+        st.released = upto;
+        let mut keep = Vec::new();
+        for (last, path) in std::mem::take(&mut st.closed) {
+            if last <= upto {
+                if let Err(e) = fs::remove_file(&path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!(file = %path.display(), error = %e, "could not remove a stored inbox segment");
+                    }
+                }
+            } else {
+                keep.push((last, path));
+            }
+        }
+        st.closed = keep;
+        if upto >= st.seq && st.bytes > 0 {
+            if let Some(f) = &st.file {
+                if f.set_len(0).is_ok() {
+                    st.bytes = 0;
+                }
+            }
+        }
+    }
+
+    /// The sequence number of the last record written.
+    pub fn last(&self) -> u64 {
+        self.lock().seq
+    }
+
+    /// Bytes on disk in the log's files.
+    pub fn disk_bytes(&self) -> u64 {
+        let st = self.lock();
+        let closed: u64 = st
+            .closed
+            .iter()
+            .filter_map(|(_, p)| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        closed + st.bytes
+    }
+}
+
+fn encode(seq: u64, m: &Message, buf: &mut Vec<u8>) {
+    let topic = m.topic.as_bytes();
+    let topic_len = u16::try_from(topic.len()).unwrap_or(u16::MAX);
+    let topic = &topic[..usize::from(topic_len)];
+    let body_len = 12 + topic.len() + m.payload.len();
+    buf.clear();
+    buf.reserve(HEADER + body_len);
+    buf.extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.push(m.qos as u8);
+    buf.push(u8::from(m.retain));
+    buf.extend_from_slice(&topic_len.to_le_bytes());
+    buf.extend_from_slice(topic);
+    buf.extend_from_slice(&m.payload);
+    let crc = CRC.checksum(&buf[HEADER..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The records of one segment, and whether it ended in a damaged one.
+fn read_segment(path: &Path) -> io::Result<(Vec<(u64, Message)>, bool)> {
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let Some(record) = decode(&data[at..]) else {
+            return Ok((out, true));
+        };
+        at += record.0;
+        out.push((record.1, record.2));
+    }
+    Ok((out, false))
+}
+
+/// One record at the start of `data`: (its length, sequence number, message).
+fn decode(data: &[u8]) -> Option<(usize, u64, Message)> {
+    let body_len = usize::try_from(u32::from_le_bytes(data.get(..4)?.try_into().ok()?)).ok()?;
+    let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
+    let body = data.get(HEADER..HEADER.checked_add(body_len)?)?;
+    if body_len < 12 || CRC.checksum(body) != crc {
+        return None;
+    }
+    let seq = u64::from_le_bytes(body[..8].try_into().ok()?);
+    let qos = Qos::from_u8(body[8])?;
+    let retain = body[9] != 0;
+    let topic_len = usize::from(u16::from_le_bytes(body[10..12].try_into().ok()?));
+    let topic = std::str::from_utf8(body.get(12..12 + topic_len)?).ok()?;
+    let payload = Bytes::copy_from_slice(&body[12 + topic_len..]);
+    Some((
+        HEADER + body_len,
+        seq,
+        Message {
+            topic: topic.to_string(),
+            payload,
+            qos,
+            retain,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u32) -> Message {
+        let mut m = Message::new(format!("t/{i}"), format!("payload {i}"));
+        m.qos = Qos::AtLeastOnce;
+        m
+    }
+
+    #[test]
+    fn what_was_not_stored_comes_back_in_order_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, pending) = Inbox::open(dir.path(), "cloud", 0).unwrap();
+        assert!(pending.is_empty());
+        for i in 1..=10 {
+            assert_eq!(inbox.write(&msg(i)).unwrap(), u64::from(i));
+        }
+        inbox.release(4);
+        drop(inbox);
+        let (inbox, pending) = Inbox::open(dir.path(), "cloud", 4).unwrap();
+        let seqs: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (5..=10).collect::<Vec<_>>());
+        assert_eq!(pending[0].1, msg(5));
+        // Numbers go on after the old ones.
+        assert_eq!(inbox.write(&msg(11)).unwrap(), 11);
+    }
+
+    #[test]
+    fn stored_segments_are_removed_and_a_caught_up_log_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, _) = Inbox::open(dir.path(), "cloud", 0).unwrap();
+        let big = Message::new("t", vec![7u8; 100_000]);
+        for _ in 0..25 {
+            inbox.write(&big).unwrap();
+        }
+        let segments = || {
+            fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .contains(".inbox-")
+                })
+                .count()
+        };
+        assert!(segments() >= 2, "{} segments", segments());
+        assert!(inbox.disk_bytes() > 2_000_000);
+        inbox.release(inbox.last());
+        assert_eq!(segments(), 1, "only the open segment is left");
+        assert_eq!(inbox.disk_bytes(), 0);
+        drop(inbox);
+        let (_, pending) = Inbox::open(dir.path(), "cloud", 25).unwrap();
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_record_cut_short_by_a_crash_ends_the_log_and_loses_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, _) = Inbox::open(dir.path(), "cloud", 0).unwrap();
+        for i in 1..=3 {
+            inbox.write(&msg(i)).unwrap();
+        }
+        let path = inbox.lock().path.clone();
+        drop(inbox);
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let (_, pending) = Inbox::open(dir.path(), "cloud", 0).unwrap();
+        assert_eq!(pending.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2]);
+    }
+}
