@@ -124,6 +124,17 @@ impl Bus {
         tokio::time::sleep(rest.min(Duration::from_millis(100))).await;
     }
 
+    /// The status of the external broker's publisher (a bridge named
+    /// `external-broker`); `None` on the embedded broker.
+    pub fn external_status(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<crate::bridge::BridgeStatus>> {
+        match &self.backend {
+            Backend::External(_, p) => Some(p.status.clone()),
+            Backend::Embedded(_) => None,
+        }
+    }
+
     /// Whether a bus client receives what it publishes itself. The embedded
     /// broker honours no-local for the gateway's own clients; an external
     /// MQTT 3.1.1 broker has none.
@@ -301,7 +312,7 @@ impl Subscription {
     }
 }
 
-mod external {
+pub mod external {
     //! The bus on an external broker: the gateway's publishing goes through
     //! the bridge engine (a durable queue, in order, see [`publisher`]);
     //! each subscribing bus client has its own rumqttc connection,
@@ -333,6 +344,8 @@ mod external {
 
     /// The running publisher (a bridge task).
     pub struct Publisher {
+        /// Its bridge status (for the health summary and the metrics).
+        pub status: tokio::sync::watch::Receiver<crate::bridge::BridgeStatus>,
         stop: CancellationToken,
         task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     }
@@ -433,9 +446,12 @@ mod external {
             strict: false,
         };
         let bridge = Bridge::open(spec).map_err(|e| BusError::External(e.to_string()))?;
+        let status = bridge.status();
+        crate::ops::metrics::watch_bridge(NAME, status.clone());
         let stop = CancellationToken::new();
         let task = tokio::spawn(bridge.run(PublishLink { rx, bus }, stop.clone()));
         Ok(Publisher {
+            status,
             stop,
             task: std::sync::Mutex::new(Some(task)),
         })

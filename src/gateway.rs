@@ -368,6 +368,8 @@ impl Gateway {
             .filter(|d| states.get(&d.name) != Some(&true))
             .map(|d| d.name.clone())
             .collect();
+        // With an external broker, its publisher is a bridge too.
+        let external = self.bus.external_status();
         let summary = Summary {
             healthy: problems.is_empty(),
             problems,
@@ -377,10 +379,12 @@ impl Gateway {
             bridges: self
                 .bridges
                 .iter()
-                .map(|b| {
-                    let s = b.status.borrow();
+                .map(|b| (b.name.as_str(), &b.status))
+                .chain(external.as_ref().map(|s| (crate::bus::external::NAME, s)))
+                .map(|(name, status)| {
+                    let s = status.borrow();
                     BridgeHealth {
-                        name: b.name.clone(),
+                        name: name.to_string(),
                         connected: s.connected,
                         queue_messages: s.queue_depth,
                         queue_bytes: s.queue_bytes,

@@ -1455,6 +1455,14 @@ async fn external_broker_mode_stores_and_forwards_through_an_outage() {
     let mut times = vec![ts_of(&next_remote(&mut seen).await.1)];
     site.stop();
     tokio::time::sleep(Duration::from_secs(30)).await;
+    // The stalled stage shows in the health summary (and the metrics).
+    let summary = gw.health(Duration::from_millis(500)).await;
+    let ext = summary
+        .bridges
+        .iter()
+        .find(|b| b.name == "external-broker")
+        .unwrap_or_else(|| panic!("no external-broker in the health summary: {summary:?}"));
+    assert!(!ext.connected && ext.queue_messages > 0, "{ext:?}");
     site.restart();
     let back = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
