@@ -42,6 +42,9 @@ const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 /// Bytes of a record before its body: length and checksum.
 const HEADER: usize = 8;
 
+/// The open segment, wholly stored, is emptied once it has this much.
+const TRUNCATE_AT: u64 = 256 * 1024;
+
 /// Messages waiting in memory for the bridge before publishers wait.
 const WAITING: usize = 16 * 1024;
 
@@ -237,7 +240,8 @@ impl Inbox {
 
     /// Everything up to sequence number `upto` is in the queue (or was
     /// dealt with otherwise): the segments holding only such records go.
-    /// When the open segment is wholly stored too, it starts over empty.
+    /// When the open segment is wholly stored too and holds
+    /// [`TRUNCATE_AT`] or more, it starts over empty.
     pub fn release(&self, upto: u64) {
         let mut st = self.lock();
         if upto <= st.released {
@@ -257,7 +261,9 @@ impl Inbox {
             }
         }
         st.closed = keep;
-        if upto >= st.seq && st.bytes > 0 {
+        // Emptying the open segment is a system call of its own: done once
+        // it holds a little, not after every batch.
+        if upto >= st.seq && st.bytes >= TRUNCATE_AT {
             if let Some(f) = &st.file {
                 if f.set_len(0).is_ok() {
                     st.bytes = 0;
