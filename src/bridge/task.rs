@@ -125,7 +125,14 @@ impl BridgeSpec {
             data_dir: config.resolve(&config.gateway.data_dir),
             limits: QueueLimits::from(&b.queue),
             drain_rate: b.queue.drain_rate,
-            write_behind: b.queue.write_behind.filter(|d| !d.is_zero()),
+            // In strict mode a message is on disk in the inbox before the
+            // bridge sees it, so the queue need not write it before it is
+            // sent: written only if still unacknowledged after a moment.
+            write_behind: b
+                .queue
+                .write_behind
+                .filter(|d| !d.is_zero())
+                .or(b.queue.strict.then_some(STRICT_WRITE_BEHIND)),
             reconnect: b.reconnect,
             status_topic: status_topic(&config.gateway.id, &b.name),
             keep_message_qos: false,
@@ -234,6 +241,8 @@ const DELETE_DELAY: Duration = Duration::from_millis(20);
 const ACK_BATCH: usize = 512;
 /// Messages kept in memory while the disk refuses appends (e.g. full).
 const MAX_UNSAVED: usize = 10_000;
+/// `queue.write_behind` of a strict bridge that sets none.
+const STRICT_WRITE_BEHIND: Duration = Duration::from_millis(50);
 /// Messages per queue transaction while the disk is full.
 const DISK_FULL_BATCH: usize = 32;
 /// How long a downlinked message is remembered for the loop guard.
@@ -475,6 +484,8 @@ struct Runner<L> {
     inbox: Arc<Inbox>,
     /// The last inbox record taken.
     taken_seq: u64,
+    /// Messages may wait in the inbox.
+    inbox_due: bool,
 }
 
 /// A full disk is a state, logged when it starts and when it ends: while
@@ -538,6 +549,7 @@ impl<L: LocalLink> Runner<L> {
             flush_failed_at: None,
             inbox,
             taken_seq: 0,
+            inbox_due: true,
         };
         for (seq, m) in recovered {
             runner.map_uplink(m);
@@ -546,9 +558,16 @@ impl<L: LocalLink> Runner<L> {
         runner
     }
 
-    /// Takes what the broker wrote to the inbox, up to a batch.
+    /// Takes what the broker wrote to the inbox, up to a batch, when
+    /// something may be there (a strict bridge was woken by it, or the
+    /// last batch was full).
     fn take_inbox(&mut self) {
-        for (seq, m) in self.inbox.take(APPEND_BATCH) {
+        if !self.inbox_due {
+            return;
+        }
+        let batch = self.inbox.take(APPEND_BATCH);
+        self.inbox_due = batch.len() == APPEND_BATCH;
+        for (seq, m) in batch {
             self.map_uplink(m);
             self.taken_seq = seq;
         }
@@ -594,7 +613,9 @@ impl<L: LocalLink> Runner<L> {
                         break;
                     }
                 },
-                _ = self.inbox.arrived(), if self.has_room() => {}
+                _ = self.inbox.arrived(), if self.spec.strict && self.has_room() => {
+                    self.inbox_due = true;
+                }
                 m = self.local.recv(), if self.local_open && self.has_room() => {
                     match m {
                         Some(m) => self.take_local(m).await,
@@ -745,12 +766,15 @@ impl<L: LocalLink> Runner<L> {
         // With `write_behind`, while connected, messages are staged and
         // written after that delay unless acknowledged before; otherwise
         // (and always offline) they are on disk before they are sent.
-        let stored = if self.connected && self.spec.write_behind.is_some() {
-            self.queue.stage(&self.unsaved[..batch_len], &mut ids)
-        } else {
-            self.queue
-                .append_with_ids(&self.unsaved[..batch_len], &mut ids)
-        };
+        // Not while the disk is full: staged messages would hold back the
+        // small delete-only writes that drain the queue then.
+        let stored =
+            if self.connected && self.spec.write_behind.is_some() && self.disk_full.is_none() {
+                self.queue.stage(&self.unsaved[..batch_len], &mut ids)
+            } else {
+                self.queue
+                    .append_with_ids(&self.unsaved[..batch_len], &mut ids)
+            };
         match stored {
             Ok(_) if self.disk_full.is_some() => {
                 // Stored in pages the drain freed, or in new room: the
@@ -1151,6 +1175,7 @@ impl<L: LocalLink> Runner<L> {
         // Take what already reached the bridge's link, without waiting.
         while self.unsaved.len() < MAX_UNSAVED {
             let before = self.taken_seq;
+            self.inbox_due = true;
             self.take_inbox();
             if self.taken_seq == before {
                 break;

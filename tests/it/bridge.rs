@@ -1420,10 +1420,15 @@ async fn a_full_disk_during_an_outage_loses_nothing_uncounted() {
         .send(Message::new("PV/data", format!("{N:06}{pad}")))
         .await
         .unwrap();
-    tokio::time::timeout(WAIT, status.wait_for(|s| !s.disk_full))
+    if tokio::time::timeout(WAIT, status.wait_for(|s| !s.disk_full))
         .await
-        .expect("disk_full ends once there is room")
-        .unwrap();
+        .is_err()
+    {
+        panic!(
+            "disk_full never ended once there was room: {:?}",
+            *status.borrow()
+        );
+    }
     shutdown.cancel();
     task.await.unwrap();
     drop(fs);

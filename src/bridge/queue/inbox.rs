@@ -24,12 +24,13 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use memmap2::MmapMut;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::model::{Message, Qos};
@@ -58,7 +59,9 @@ pub struct Inbox {
 }
 
 struct State {
-    file: Option<File>,
+    /// The open segment, mapped: a record is copied into it, which puts
+    /// it in the page cache without a system call.
+    map: Option<MmapMut>,
     path: PathBuf,
     /// The sequence number of the last record written.
     seq: u64,
@@ -141,7 +144,7 @@ impl Inbox {
             arrived: Notify::new(),
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
-                file: None,
+                map: None,
                 path: PathBuf::new(),
                 seq: last,
                 bytes: 0,
@@ -181,6 +184,9 @@ impl Inbox {
     pub fn take(&self, max: usize) -> Vec<(u64, Message)> {
         let mut st = self.lock();
         let n = st.waiting.len().min(max);
+        if n == 0 {
+            return Vec::new();
+        }
         let out: Vec<_> = st.waiting.drain(..n).collect();
         drop(st);
         self.room.add_permits(out.len());
@@ -195,30 +201,36 @@ impl Inbox {
     fn write(&self, msg: &Message) -> io::Result<u64> {
         let mut st = self.lock();
         let seq = st.seq + 1;
-        if st.file.is_none() || st.bytes >= SEGMENT_BYTES {
-            self.begin_segment(&mut st, seq)?;
-        }
         let mut buf = std::mem::take(&mut st.buf);
         encode(seq, msg, &mut buf);
-        let written = st.file.as_mut().map_or(Ok(()), |f| f.write_all(&buf));
-        let len = buf.len() as u64;
-        st.buf = buf;
-        if let Err(e) = written {
-            // Part of the record may be in the file: the next one goes to a
-            // new segment, so it is not read as the tail of a damaged one.
-            st.file = None;
-            let (last, path) = (st.seq, std::mem::take(&mut st.path));
-            st.closed.push((last, path));
-            return Err(e);
+        let len = buf.len();
+        let fits = st
+            .map
+            .as_ref()
+            .is_some_and(|m| st.bytes as usize + len <= m.len());
+        if !fits {
+            if let Err(e) = self.begin_segment(&mut st, seq, len) {
+                st.buf = buf;
+                return Err(e);
+            }
         }
+        let at = st.bytes as usize;
+        if let Some(map) = st.map.as_mut() {
+            map[at..at + len].copy_from_slice(&buf);
+        }
+        st.buf = buf;
         st.seq = seq;
-        st.bytes += len;
+        st.bytes += len as u64;
         st.waiting.push_back((seq, msg.clone()));
         Ok(seq)
     }
 
-    fn begin_segment(&self, st: &mut State, first: u64) -> io::Result<()> {
-        if st.file.take().is_some() {
+    /// Closes the open segment and begins one for records from `first`,
+    /// with room for at least `need` bytes. Its blocks are allocated up
+    /// front: writing to a mapped page the file system has no room for
+    /// would kill the process (SIGBUS), so a full disk fails here instead.
+    fn begin_segment(&self, st: &mut State, first: u64, need: usize) -> io::Result<()> {
+        if st.map.take().is_some() {
             let path = std::mem::take(&mut st.path);
             st.closed.push((first - 1, path));
         }
@@ -226,28 +238,48 @@ impl Inbox {
         // A file of this name holds nothing past what is stored (its
         // numbers would be taken otherwise): it starts over.
         st.closed.retain(|(_, p)| *p != path);
+        let size = SEGMENT_BYTES.max(need as u64);
         let mut o = OpenOptions::new();
-        o.create(true).append(true);
+        o.create(true).read(true).write(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
         let file = o.open(&path)?;
-        file.set_len(0)?;
-        st.file = Some(file);
-        st.path = path;
-        st.bytes = 0;
-        Ok(())
+        let mapped = allocate(&file, size).and_then(|()| {
+            // SAFETY: the file is ours (0600 in the gateway's private
+            // data_dir) and only this inbox writes it, under its lock; its
+            // blocks are allocated, so no write to the map can fault.
+            unsafe { MmapMut::map_mut(&file) }
+        });
+        match mapped {
+            Ok(map) => {
+                st.map = Some(map);
+                st.path = path;
+                st.bytes = 0;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(e)
+            }
+        }
     }
 
     /// Everything up to sequence number `upto` is in the queue (or was
     /// dealt with otherwise): the segments holding only such records go.
     /// When the open segment is wholly stored too and holds
-    /// [`TRUNCATE_AT`] or more, it starts over empty.
+    /// [`TRUNCATE_AT`] or more, it goes as well (the next record begins a
+    /// new one).
     pub fn release(&self, upto: u64) {
         let mut st = self.lock();
         if upto <= st.released {
             return;
         }
         st.released = upto;
+        if upto >= st.seq && st.bytes >= TRUNCATE_AT && st.map.take().is_some() {
+            let (last, path) = (st.seq, std::mem::take(&mut st.path));
+            st.closed.push((last, path));
+            st.bytes = 0;
+        }
         let mut keep = Vec::new();
         for (last, path) in std::mem::take(&mut st.closed) {
             if last <= upto {
@@ -261,15 +293,6 @@ impl Inbox {
             }
         }
         st.closed = keep;
-        // Emptying the open segment is a system call of its own: done once
-        // it holds a little, not after every batch.
-        if upto >= st.seq && st.bytes >= TRUNCATE_AT {
-            if let Some(f) = &st.file {
-                if f.set_len(0).is_ok() {
-                    st.bytes = 0;
-                }
-            }
-        }
     }
 
     /// The sequence number of the last record written.
@@ -277,16 +300,23 @@ impl Inbox {
         self.lock().seq
     }
 
-    /// Bytes on disk in the log's files.
-    pub fn disk_bytes(&self) -> u64 {
+    /// Segment files on disk (each takes a whole segment).
+    pub fn segments(&self) -> usize {
         let st = self.lock();
-        let closed: u64 = st
-            .closed
-            .iter()
-            .filter_map(|(_, p)| fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum();
-        closed + st.bytes
+        st.closed.len() + usize::from(st.map.is_some())
+    }
+}
+
+/// Gives `file` `size` bytes of real blocks (zeros).
+fn allocate(file: &File, size: u64) -> io::Result<()> {
+    let len =
+        libc::off_t::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: posix_fallocate on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(file), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
     }
 }
 
@@ -316,6 +346,10 @@ fn read_segment(path: &Path) -> io::Result<(Vec<(u64, Message)>, bool)> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < data.len() {
+        // The rest of a segment is zeros (allocated, never written).
+        if data[at..].iter().take(HEADER).all(|b| *b == 0) {
+            break;
+        }
         let Some(record) = decode(&data[at..]) else {
             return Ok((out, true));
         };
@@ -387,7 +421,7 @@ mod tests {
         for _ in 0..25 {
             inbox.write(&big).unwrap();
         }
-        let segments = || {
+        let files = || {
             fs::read_dir(dir.path())
                 .unwrap()
                 .filter(|e| {
@@ -399,14 +433,18 @@ mod tests {
                 })
                 .count()
         };
-        assert!(segments() >= 2, "{} segments", segments());
-        assert!(inbox.disk_bytes() > 2_000_000);
+        assert!(files() >= 3, "{} segments", files());
+        assert_eq!(files(), inbox.segments());
+        inbox.release(20);
+        assert!(files() < 3, "segments wholly stored go: {} left", files());
         inbox.release(inbox.last());
-        assert_eq!(segments(), 1, "only the open segment is left");
-        assert_eq!(inbox.disk_bytes(), 0);
+        assert_eq!(files(), 0, "a caught-up log keeps no file");
+        // The next record begins a new segment.
+        inbox.write(&big).unwrap();
+        assert_eq!(files(), 1);
         drop(inbox);
         let (_, pending) = Inbox::open(dir.path(), "cloud", 25).unwrap();
-        assert!(pending.is_empty());
+        assert_eq!(pending.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [26]);
     }
 
     #[test]
@@ -416,15 +454,15 @@ mod tests {
         for i in 1..=3 {
             inbox.write(&msg(i)).unwrap();
         }
-        let path = inbox.lock().path.clone();
+        let (path, end) = {
+            let st = inbox.lock();
+            (st.path.clone(), st.bytes)
+        };
         drop(inbox);
-        let len = fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        // The last record's tail never made it (zeros, as allocated).
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(end - 3)).unwrap();
+        std::io::Write::write_all(&mut f, &[0, 0, 0]).unwrap();
         let (_, pending) = Inbox::open(dir.path(), "cloud", 0).unwrap();
         assert_eq!(pending.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2]);
     }
