@@ -307,7 +307,7 @@ impl Bridge {
         Ok(Bridge {
             spec,
             queue,
-            inbox: Arc::new(inbox),
+            inbox,
             recovered,
             status,
         })

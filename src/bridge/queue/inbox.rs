@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +42,12 @@ const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
 /// Bytes of a record before its body: length and checksum.
 const HEADER: usize = 8;
+
+/// A message with its sequence number in the inbox.
+pub type Numbered = (u64, Message);
+
+/// The inboxes open in this process, by path prefix (see [`Inbox::open`]).
+static OPEN: Mutex<Vec<(PathBuf, Weak<Inbox>)>> = Mutex::new(Vec::new());
 
 /// The open segment, wholly stored, is emptied once it has this much.
 const TRUNCATE_AT: u64 = 256 * 1024;
@@ -92,12 +98,27 @@ impl Inbox {
     /// anything new. The old segments are removed once the caller has
     /// stored those (its next [`Inbox::release`]); a damaged tail is
     /// reported and skipped.
+    ///
+    /// While the inbox of the same bridge is still open (a reload replaces
+    /// the bridge, and a publish already under way may still write to the
+    /// old one), that one is returned: what the old bridge did not take
+    /// waits in it, in order, for the new one.
     pub fn open(
         data_dir: &Path,
         name: &str,
         stored: u64,
-    ) -> io::Result<(Inbox, Vec<(u64, Message)>)> {
+    ) -> io::Result<(Arc<Inbox>, Vec<Numbered>)> {
         let prefix = format!("bridge-{name}.inbox-");
+        let key = data_dir.join(&prefix);
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(inbox) = open
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok((inbox, Vec::new()));
+        }
         let mut segments = Vec::new();
         match fs::read_dir(data_dir) {
             Ok(entries) => {
@@ -153,6 +174,8 @@ impl Inbox {
                 buf: Vec::new(),
             }),
         };
+        let inbox = Arc::new(inbox);
+        open.push((key, Arc::downgrade(&inbox)));
         Ok((inbox, pending))
     }
 
@@ -411,6 +434,20 @@ mod tests {
         assert_eq!(pending[0].1, msg(5));
         // Numbers go on after the old ones.
         assert_eq!(inbox.write(&msg(11)).unwrap(), 11);
+    }
+
+    #[test]
+    fn a_bridge_reopened_while_its_inbox_is_in_use_gets_that_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, _) = Inbox::open(dir.path(), "cloud", 0).unwrap();
+        old.write(&msg(1)).unwrap();
+        let (new, pending) = Inbox::open(dir.path(), "cloud", 0).unwrap();
+        assert!(pending.is_empty(), "nothing is read twice");
+        // A publish under way during the reload still has the old handle.
+        old.write(&msg(2)).unwrap();
+        drop(old);
+        let seqs: Vec<u64> = new.take(10).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [1, 2]);
     }
 
     #[test]
