@@ -1633,3 +1633,57 @@ async fn kill_9_after_puback(queue_yaml: &str) -> Option<String> {
         .find(|l| l.contains("taken from the inbox"))
         .map(str::to_string)
 }
+
+/// Strict mode's promise for the gateway's own readings: when a QoS 1
+/// publish on the bus returns, the message is in the bridge's inbox on
+/// disk, also while the cloud is unreachable. A QoS 0 message and a topic
+/// the bridge does not forward never go there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_is_in_the_inbox_when_its_publish_returns() {
+    let dead = crate::support::free_port();
+    let yaml = crate::support::yaml_with_broker(&format!(
+        "bridges:\n  - name: promise\n    url: mqtt://127.0.0.1:{dead}\n    \
+         forward: [ {{ topics: \"PV/#\", qos: 1 }} ]\n"
+    ));
+    let gw = crate::support::start(&yaml).await;
+    let data = gw.config().resolve(&gw.config().gateway.data_dir);
+    let inbox = || -> Vec<u8> {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(&data).unwrap().flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("bridge-promise.inbox-")
+            {
+                all.extend(std::fs::read(e.path()).unwrap());
+            }
+        }
+        all
+    };
+    let holds =
+        |all: &[u8], needle: &str| all.windows(needle.len()).any(|w| w == needle.as_bytes());
+    for i in 0..50 {
+        let mut m = Message::new("PV/data", format!("reading-{i:03}"));
+        m.qos = edgebridge::model::Qos::AtLeastOnce;
+        gw.bus().publish(m).await;
+        assert!(
+            holds(&inbox(), &format!("reading-{i:03}")),
+            "reading {i} was published and is not in the inbox"
+        );
+    }
+    gw.bus()
+        .publish(Message::new("PV/data", "qos0-reading"))
+        .await;
+    let mut other = Message::new("other/data", "not-forwarded");
+    other.qos = edgebridge::model::Qos::AtLeastOnce;
+    gw.bus().publish(other).await;
+    let all = inbox();
+    assert!(
+        !holds(&all, "qos0-reading"),
+        "a QoS 0 message went to the inbox"
+    );
+    assert!(
+        !holds(&all, "not-forwarded"),
+        "a topic the bridge does not forward went to the inbox"
+    );
+    gw.shutdown().await;
+}
