@@ -1637,23 +1637,34 @@ async fn kill_9_after_puback(queue_yaml: &str) -> Option<String> {
 /// Strict mode's promise for the gateway's own readings: when a QoS 1
 /// publish on the bus returns, the message is in the bridge's inbox on
 /// disk, also while the cloud is unreachable. A QoS 0 message and a topic
-/// the bridge does not forward never go there.
+/// the bridge does not forward never go there. For a generic bridge and
+/// for a OneNET bridge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_is_in_the_inbox_when_its_publish_returns() {
     let dead = crate::support::free_port();
-    let yaml = crate::support::yaml_with_broker(&format!(
-        "bridges:\n  - name: promise\n    url: mqtt://127.0.0.1:{dead}\n    \
+    readings_land_in_the_inbox(&format!(
+        "bridges:\n  - name: promise-mqtt\n    url: mqtt://127.0.0.1:{dead}\n    \
          forward: [ {{ topics: \"PV/#\", qos: 1 }} ]\n"
-    ));
+    ))
+    .await;
+    readings_land_in_the_inbox(&format!(
+        "bridges:\n  - name: promise-onenet\n    url: mqtt://127.0.0.1:{dead}\n    \
+         onenet: {{ product_id: abc123, device_name: gw-001, access_key: \"{}\" }}\n    \
+         properties: [ {{ topics: \"PV/#\", property: power }} ]\n",
+        crate::support::onenet_standin::SAMPLE_KEY
+    ))
+    .await;
+}
+
+async fn readings_land_in_the_inbox(bridges_yaml: &str) {
+    let yaml = crate::support::yaml_with_broker(bridges_yaml);
     let gw = crate::support::start(&yaml).await;
     let data = gw.config().resolve(&gw.config().gateway.data_dir);
+    let prefix = format!("bridge-{}.inbox-", gw.config().bridges[0].name);
     let inbox = || -> Vec<u8> {
         let mut all = Vec::new();
         for e in std::fs::read_dir(&data).unwrap().flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("bridge-promise.inbox-")
-            {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
                 all.extend(std::fs::read(e.path()).unwrap());
             }
         }
@@ -1662,12 +1673,15 @@ async fn a_reading_is_in_the_inbox_when_its_publish_returns() {
     let holds =
         |all: &[u8], needle: &str| all.windows(needle.len()).any(|w| w == needle.as_bytes());
     for i in 0..50 {
-        let mut m = Message::new("PV/data", format!("reading-{i:03}"));
+        let mut m = Message::new(
+            "PV/data",
+            format!("{{\"v\":{i},\"tag\":\"reading-{i:03}\"}}"),
+        );
         m.qos = edgebridge::model::Qos::AtLeastOnce;
         gw.bus().publish(m).await;
         assert!(
             holds(&inbox(), &format!("reading-{i:03}")),
-            "reading {i} was published and is not in the inbox"
+            "reading {i} was published and is not in the inbox ({bridges_yaml})"
         );
     }
     gw.bus()

@@ -820,3 +820,102 @@ mappings:
     }
     gw.shutdown().await;
 }
+
+/// Strict mode (`queue.strict`, the default) with OneNET: a LAN client's
+/// QoS 1 value is still in the bridge's batch window when the gateway is
+/// killed with SIGKILL right after the PUBACK; after a restart it is posted
+/// all the same (from the bridge's inbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_acknowledged_inside_the_batch_window_survives_kill_9() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let config = format!(
+        "gateway: {{ id: test-gw, data_dir: ./data }}
+broker:
+  listeners:
+    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}
+bridges:
+  - name: cloud
+    url: {url}
+    onenet:
+      product_id: abc123
+      device_name: gw-001
+      access_key: \"{key}\"
+      batch_window: 5s
+    properties:
+      - {{ topics: PV/data, property: power }}
+",
+        url = s.url(),
+        key = SAMPLE_KEY,
+    );
+    std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut bin = support::Binary::spawn(&["run", "-c", "config.yaml"], dir.path());
+    support::wait_port(addr, WAIT).await;
+    s.wait_for("the bridge logs in", WAIT, |st| {
+        st.connects.iter().any(|c| c.accepted).then_some(())
+    })
+    .await;
+
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let id = b"it-lan";
+    let mut connect = vec![
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0x02,
+        0,
+        60,
+        0,
+        id.len() as u8,
+    ];
+    connect.extend_from_slice(id);
+    c.write_all(&support::packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 4];
+    c.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut publish = vec![0, 7];
+    publish.extend_from_slice(b"PV/data");
+    publish.extend_from_slice(&[0, 1]);
+    publish.extend_from_slice(b"4242.5");
+    c.write_all(&support::packet(0x32, &publish)).await.unwrap();
+    let mut puback = [0u8; 4];
+    c.read_exact(&mut puback).await.unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(bin.child.id() as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    assert_eq!(puback, [0x40, 2, 0, 1]);
+    let _ = bin.child.wait();
+    assert!(
+        s.state().property_posts().is_empty(),
+        "posted before the kill: the test did not kill inside the batch window"
+    );
+
+    let bin2 = support::Binary::spawn(&["run", "-c", "config.yaml"], dir.path());
+    let posted = s
+        .wait_for("the acknowledged value after the restart", WAIT, |st| {
+            st.property_posts()
+                .iter()
+                .find(|p| String::from_utf8_lossy(&p.payload).contains("4242.5"))
+                .map(|p| p.json())
+        })
+        .await;
+    assert_eq!(
+        posted["params"]["power"]["value"],
+        json!(4242.5),
+        "{posted}"
+    );
+    assert!(
+        bin2.stderr().contains("taken from the inbox"),
+        "{}",
+        bin2.stderr()
+    );
+}

@@ -18,10 +18,22 @@ pub(super) struct Intake {
     pub(super) subs: Vec<Identity>,
     /// Posts the queue refused (e.g. disk full), tried again with the next.
     pub(super) unsaved: std::collections::VecDeque<Message>,
+    /// Messages from the broker in strict mode (`queue/inbox.rs`); what
+    /// the last run left there comes first.
+    pub(super) inbox: Arc<Inbox>,
+    pub(super) recovered: Vec<Numbered>,
+    /// The last inbox record taken, and the last one the queue was told
+    /// is dealt with.
+    pub(super) taken_seq: u64,
+    pub(super) marked: u64,
 }
 
 impl Intake {
     pub(super) async fn run(mut self, mut link: BusLink, shutdown: CancellationToken) {
+        for (seq, m) in std::mem::take(&mut self.recovered) {
+            self.on_local(m).await;
+            self.taken_seq = seq;
+        }
         loop {
             let due = self.batcher.due().map(Instant::from_std);
             tokio::select! {
@@ -30,6 +42,7 @@ impl Intake {
                     Some(m) => self.on_local(m).await,
                     None => break,
                 },
+                _ = self.inbox.arrived() => self.take_inbox().await,
                 _ = sleep_until(due) => self.flush(),
             }
             if self
@@ -40,12 +53,43 @@ impl Intake {
                 self.flush();
             }
         }
-        // Nothing that arrived is lost: what the bus already handed over
-        // and the open window go to the queue.
+        // Nothing that arrived is lost: what the bus and the inbox already
+        // handed over and the open window go to the queue.
         while let Ok(Some(m)) = tokio::time::timeout(Duration::ZERO, link.recv()).await {
             self.on_local(m).await;
         }
+        self.take_inbox().await;
         self.flush();
+    }
+
+    /// Takes everything waiting in the inbox.
+    async fn take_inbox(&mut self) {
+        loop {
+            let batch = self.inbox.take(256);
+            if batch.is_empty() {
+                return;
+            }
+            for (seq, m) in batch {
+                self.on_local(m).await;
+                self.taken_seq = seq;
+            }
+            self.settle_inbox();
+        }
+    }
+
+    /// Once everything taken from the inbox is in the queue (nothing in
+    /// the open window, nothing unsaved), the queue records it and the
+    /// inbox lets it go.
+    fn settle_inbox(&mut self) {
+        if self.taken_seq <= self.marked || !self.batcher.is_empty() || !self.unsaved.is_empty() {
+            return;
+        }
+        let mut q = lock(&self.queue);
+        q.mark_inbox(self.taken_seq);
+        if q.flush().is_ok() {
+            self.marked = self.taken_seq;
+            self.inbox.release(q.inbox_mark());
+        }
     }
 
     async fn on_local(&mut self, m: Message) {
@@ -146,6 +190,7 @@ impl Intake {
             Ok(_) => {
                 self.unsaved.clear();
                 self.queued.notify_one();
+                self.settle_inbox();
             }
             Err(e) => {
                 // Kept in memory and tried again with the next post.

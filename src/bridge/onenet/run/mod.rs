@@ -47,6 +47,7 @@ use crate::bridge::mqtt::{
     client_config, remote_client, AckTracker, Backoff, Endpoint, RemoteConnection, RemoteError,
     RemoteEvent, RemoteOptions, RemoteSender, TlsError,
 };
+use crate::bridge::queue::inbox::{Inbox, Numbered};
 use crate::bridge::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
 use crate::bridge::{status_topic, BridgeStatus, BusLink, LocalLink, RunningBridge};
 use crate::bus::{Bus, BusError};
@@ -73,6 +74,11 @@ pub enum OneNetError {
     Queue { bridge: String, source: QueueError },
     #[error("bridge `{bridge}`: {source}")]
     Bus { bridge: String, source: BusError },
+    #[error("bridge `{bridge}`: inbox: {source}")]
+    Inbox {
+        bridge: String,
+        source: std::io::Error,
+    },
 }
 
 /// Local topic where property `prop` of a set request is published.
@@ -114,6 +120,11 @@ pub struct OneNetBridge {
     base: RemoteOptions,
     routes: Vec<(String, String)>,
     queue: Queue,
+    /// See `queue/inbox.rs`: written by the broker before the PUBACK in
+    /// strict mode; what a strict run left in it is taken in at start.
+    inbox: Arc<Inbox>,
+    recovered: Vec<Numbered>,
+    strict: bool,
     status_topic: String,
     reconnect: crate::config::ReconnectConfig,
     subs: Vec<SubDeviceConfig>,
@@ -212,7 +223,21 @@ impl OneNetBridge {
                     source,
                 }
             })?;
+        let (inbox, recovered) =
+            Inbox::open(&data_dir, &bridge, queue.inbox_mark()).map_err(|source| {
+                OneNetError::Inbox {
+                    bridge: bridge.clone(),
+                    source,
+                }
+            })?;
+        if !recovered.is_empty() {
+            tracing::info!(bridge = %bridge, messages = recovered.len(),
+                "acknowledged messages from before the last stop taken from the inbox into the queue");
+        }
         Ok(OneNetBridge {
+            inbox,
+            recovered,
+            strict: b.queue.strict,
             status_topic: status_topic(&config.gateway.id, &bridge),
             name: bridge,
             routes: b
@@ -247,6 +272,9 @@ impl OneNetBridge {
             base,
             routes,
             queue,
+            inbox,
+            recovered,
+            strict,
             status_topic,
             reconnect,
             subs,
@@ -256,12 +284,17 @@ impl OneNetBridge {
             .map(|(t, _)| (t.clone(), Qos::AtLeastOnce))
             .collect();
         filters.push((result_filter(&name, o.mode), Qos::AtLeastOnce));
-        let link = BusLink::new(bus, &format!("edgebridge-onenet-{name}"), &filters, None)
-            .await
-            .map_err(|source| OneNetError::Bus {
-                bridge: name.clone(),
-                source,
-            })?;
+        let link = BusLink::new(
+            bus,
+            &format!("edgebridge-onenet-{name}"),
+            &filters,
+            strict.then(|| inbox.clone()),
+        )
+        .await
+        .map_err(|source| OneNetError::Bus {
+            bridge: name.clone(),
+            source,
+        })?;
         let queue = Arc::new(Mutex::new(queue));
         let topics = Topics::new(&o.product_id, &o.device_name);
         let queued = Arc::new(Notify::new());
@@ -280,6 +313,10 @@ impl OneNetBridge {
             results: results_tx,
             subs: subs.iter().map(Identity::of).collect(),
             unsaved: Default::default(),
+            inbox,
+            recovered,
+            taken_seq: 0,
+            marked: 0,
         };
         let initial = BridgeStatus {
             since: now_ms(),
