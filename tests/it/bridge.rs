@@ -1557,30 +1557,7 @@ async fn kill_9_after_puback(queue_yaml: &str) -> Option<String> {
 
     // A raw client, so that nothing sits between the PUBACK and the kill.
     const N: u16 = 3_000;
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    let id = b"it-burst";
-    let mut connect = vec![
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        4,
-        0x02,
-        0,
-        60,
-        0,
-        id.len() as u8,
-    ];
-    connect.extend_from_slice(id);
-    s.write_all(&crate::support::packet(0x10, &connect))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut s = crate::support::raw_connect(addr, "it-burst").await;
     let mut burst = Vec::new();
     for i in 0..N {
         let topic = b"PV/seq";

@@ -859,27 +859,7 @@ bridges:
     })
     .await;
 
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let id = b"it-lan";
-    let mut connect = vec![
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        4,
-        0x02,
-        0,
-        60,
-        0,
-        id.len() as u8,
-    ];
-    connect.extend_from_slice(id);
-    c.write_all(&support::packet(0x10, &connect)).await.unwrap();
-    let mut connack = [0u8; 4];
-    c.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut c = support::raw_connect(addr, "it-lan").await;
     let mut publish = vec![0, 7];
     publish.extend_from_slice(b"PV/data");
     publish.extend_from_slice(&[0, 1]);

@@ -288,3 +288,21 @@ pub fn packet(header: u8, body: &[u8]) -> Vec<u8> {
     p.extend_from_slice(body);
     p
 }
+
+/// A raw MQTT 3.1.1 connection to `addr` as `client_id` (clean session),
+/// past its CONNACK: for tests that need nothing between a broker's answer
+/// and what they do next (a kill right after a PUBACK).
+pub async fn raw_connect(addr: SocketAddr, client_id: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let id = client_id.as_bytes();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id);
+    s.write_all(&packet(0x10, &connect)).await.expect("CONNECT");
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.expect("CONNACK");
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
+    s
+}
