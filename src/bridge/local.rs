@@ -5,7 +5,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::task::{Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};
+use super::{Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};
 use crate::bus::{Bus, BusError, Forwarder, SubscriptionTx};
 use crate::config::Config;
 use crate::model::Message;

@@ -8,11 +8,13 @@
 //! - [`onenet`]: China Mobile OneNET natively, on the same queue and
 //!   connection.
 
+pub mod engine;
+mod generic;
 mod local;
 pub mod mqtt;
 pub mod onenet;
 pub mod queue;
-mod task;
 
+pub use engine::{status_topic, BridgeStatus, LocalLink};
+pub use generic::{Bridge, BridgeError, BridgeSpec};
 pub use local::{check_files, start, start_all, BusLink, RunningBridge, StartError};
-pub use task::{status_topic, Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};
