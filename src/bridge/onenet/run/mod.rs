@@ -1,61 +1,46 @@
-//! The running OneNET bridge: two tasks around the bridge's durable queue
-//! (`intake.rs`, `connection.rs`); this file opens and starts them.
+//! The running OneNET bridge: the bridge engine (`bridge/engine`) with the
+//! OneNET profile (`profile.rs`); this file checks the settings, opens the
+//! queue and starts it.
 //!
-//! - **intake** reads the local topics of `properties:` from the bus, batches
-//!   them per window and appends one post per window to the queue; it also
-//!   passes results of local handlers (`onenet/<bridge>/set/+/result`,
-//!   `onenet/<bridge>/cmd/result`) to the connection task. It keeps running
-//!   while OneNET is unreachable, so an outage only grows the queue.
-//! - **connection** owns the rumqttc client: it connects with a fresh token
-//!   (and reconnects with a fresh one before it expires), sends queued posts
-//!   at most one per `min_interval` and deletes each only after its PUBACK,
-//!   answers post replies, and turns property sets and commands into local
-//!   messages, answering each once the handlers reported (or timed out).
-//!
-//! Each connection gets its own rumqttc client (a token is fixed in its
-//! options, and a reconnect after a long outage needs a fresh one), polled
-//! in a task of its own (`connection::drive`) because cancelling `poll()` mid-way can
-//! drop a half-made connection; OneNET allows only a few logins per second.
+//! The engine does what every bridge does: it takes the local topics of
+//! `properties:` (and the results of local handlers,
+//! `onenet/<bridge>/set/+/result`, `onenet/<bridge>/cmd/result`) from the
+//! bus, keeps taking them while OneNET is unreachable (an outage only grows
+//! the queue), connects with the one retry policy, sends queued posts in
+//! order within the pace (`min_interval`) and deletes each only after its
+//! PUBACK. The profile batches values per window into one post, connects
+//! with a fresh token (and has the engine reconnect with a fresh one before
+//! it expires), merges a backlog into history posts, answers post replies,
+//! and turns property sets and commands into local messages, answering
+//! each once the handlers reported (or timed out).
 
-mod connection;
-mod intake;
+mod profile;
 
-use connection::Connection;
-pub use intake::parse_result;
-use intake::Intake;
+pub use profile::parse_result;
+use profile::OneNetProfile;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use serde_json::Value as Json;
-use tokio::sync::{mpsc, watch, Notify};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{Batch, Batcher, Sample};
-use super::connect::{bundled_tls, refresh_after, Credentials};
-use super::datastream::{self, DpIdCounter, DpRejected};
-use super::downlink::{Requests, Step};
-use super::sub::{self, Identity};
-use super::thing::{self, IdCounter, PropertyGet, PropertyPost, PropertySet, Reply};
+use super::batch::Batcher;
+use super::connect::{bundled_tls, Credentials};
+use super::datastream::DpIdCounter;
+use super::downlink::Requests;
+use super::sub::Identity;
+use super::thing::IdCounter;
 use super::token::TokenError;
 use super::topics::Topics;
-use super::uplink::{Pacer, PostBook};
-use crate::bridge::mqtt::{
-    client_config, remote_client, AckTracker, Backoff, Endpoint, RemoteConnection, RemoteError,
-    RemoteEvent, RemoteOptions, RemoteSender, TlsError,
-};
-use crate::bridge::queue::inbox::{Inbox, Numbered};
-use crate::bridge::queue::{Queue, QueueError, QueueLimits, QueuedMessage};
-use crate::bridge::{status_topic, BridgeStatus, BusLink, LocalLink, RunningBridge};
+use super::uplink::PostBook;
+use crate::bridge::engine::{self, OpenError, Opened, Settings, Window};
+use crate::bridge::mqtt::{client_config, Endpoint, RemoteOptions, TlsError};
+use crate::bridge::queue::QueueLimits;
+use crate::bridge::{status_topic, BusLink, RunningBridge};
 use crate::bus::{Bus, BusError};
-use crate::config::{
-    BridgeConfig, Config, MqttProtocol, OneNetConfig, OneNetMode, SubDeviceConfig,
-};
-use crate::model::{now_ms, Message, Qos};
-use crate::topic::matches;
+use crate::config::{BridgeConfig, Config, MqttProtocol, OneNetConfig, OneNetMode};
+use crate::model::{now_ms, Qos};
 
 /// Problems that stop a OneNET bridge from starting.
 #[derive(Debug, thiserror::Error)]
@@ -70,15 +55,10 @@ pub enum OneNetError {
     Tls { bridge: String, source: TlsError },
     #[error("bridge `{bridge}`: {detail}")]
     BundledCa { bridge: String, detail: String },
-    #[error("bridge `{bridge}`: {source}")]
-    Queue { bridge: String, source: QueueError },
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("bridge `{bridge}`: {source}")]
     Bus { bridge: String, source: BusError },
-    #[error("bridge `{bridge}`: inbox: {source}")]
-    Inbox {
-        bridge: String,
-        source: std::io::Error,
-    },
 }
 
 /// Local topic where property `prop` of a set request is published.
@@ -93,47 +73,23 @@ pub fn cmd_topic(bridge: &str) -> String {
 
 /// Keep-alive when the bridge sets none (OneNET allows 10 s to 1800 s).
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(60);
-/// Queue ids of messages that do not come from the queue (replies).
-const NOT_QUEUED: i64 = -1;
-/// How often the queue's `max_age` is applied and a changed status published.
-const REPORT_EVERY: Duration = Duration::from_secs(5);
-/// Queued posts merged into one `thing/history/post`, at most.
-const HISTORY_MAX: usize = 50;
-/// Payload bytes of one history post, about at most.
-const HISTORY_BYTES: usize = 128 * 1024;
 /// Posts handed to the client and not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 4;
-/// Posts kept in memory while the queue refuses appends.
-const MAX_UNSAVED: usize = 1000;
-/// Local handler results waiting for the connection task.
-const RESULT_QUEUE: usize = 64;
-
-/// A result of a local handler: `(key, outcome)`; the key is the property
-/// (thing mode) or `cmd` (data streams).
-type HandlerResult = (String, Result<(), String>);
 
 /// A OneNET bridge whose settings were checked and whose queue is open;
 /// [`OneNetBridge::start`] subscribes it on the bus and runs it.
 pub struct OneNetBridge {
-    name: String,
+    settings: Settings,
     o: OneNetConfig,
     base: RemoteOptions,
     routes: Vec<(String, String)>,
-    queue: Queue,
-    /// See `queue/inbox.rs`: written by the broker before the PUBACK in
-    /// strict mode; what a strict run left in it is taken in at start.
-    inbox: Arc<Inbox>,
-    recovered: Vec<Numbered>,
-    strict: bool,
-    status_topic: String,
-    reconnect: crate::config::ReconnectConfig,
-    subs: Vec<SubDeviceConfig>,
+    opened: Opened,
 }
 
 impl std::fmt::Debug for OneNetBridge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OneNetBridge")
-            .field("name", &self.name)
+            .field("name", &self.settings.name)
             .finish_non_exhaustive()
     }
 }
@@ -216,30 +172,24 @@ impl OneNetBridge {
             max_inflight: MAX_IN_FLIGHT as u16 + 2,
         };
         let data_dir = config.resolve(&config.gateway.data_dir);
-        let (queue, _) =
-            Queue::open(&data_dir, &bridge, QueueLimits::from(&b.queue)).map_err(|source| {
-                OneNetError::Queue {
-                    bridge: bridge.clone(),
-                    source,
-                }
-            })?;
-        let (inbox, recovered) =
-            Inbox::open(&data_dir, &bridge, queue.inbox_mark()).map_err(|source| {
-                OneNetError::Inbox {
-                    bridge: bridge.clone(),
-                    source,
-                }
-            })?;
-        if !recovered.is_empty() {
-            tracing::info!(bridge = %bridge, messages = recovered.len(),
-                "acknowledged messages from before the last stop taken from the inbox into the queue");
-        }
-        Ok(OneNetBridge {
-            inbox,
-            recovered,
-            strict: b.queue.strict,
+        let limits = QueueLimits::from(&b.queue);
+        let opened = Opened::open(&bridge, &data_dir, limits)?;
+        let settings = Settings {
             status_topic: status_topic(&config.gateway.id, &bridge),
             name: bridge,
+            data_dir,
+            limits,
+            write_behind: None,
+            reconnect: b.reconnect,
+            strict: b.queue.strict,
+            pace: Some(o.min_interval),
+            window: Window::InFlight(MAX_IN_FLIGHT),
+            max_packet_size: base.max_packet_size,
+            qos0_past_queue: false,
+            peer: "OneNET",
+        };
+        Ok(OneNetBridge {
+            settings,
             routes: b
                 .properties
                 .iter()
@@ -250,11 +200,9 @@ impl OneNetBridge {
                         .map(move |p| (p.topics.clone(), format!("{n}/{}", p.property)))
                 }))
                 .collect(),
-            subs: o.sub_devices.clone(),
             o,
             base,
-            queue,
-            reconnect: b.reconnect,
+            opened,
         })
     }
 
@@ -267,18 +215,13 @@ impl OneNetBridge {
         shutdown: &CancellationToken,
     ) -> Result<RunningBridge, OneNetError> {
         let OneNetBridge {
-            name,
+            settings,
             o,
             base,
             routes,
-            queue,
-            inbox,
-            recovered,
-            strict,
-            status_topic,
-            reconnect,
-            subs,
+            opened,
         } = self;
+        let name = settings.name.clone();
         let mut filters: Vec<(String, Qos)> = routes
             .iter()
             .map(|(t, _)| (t.clone(), Qos::AtLeastOnce))
@@ -288,74 +231,46 @@ impl OneNetBridge {
             bus,
             &format!("edgebridge-onenet-{name}"),
             &filters,
-            strict.then(|| inbox.clone()),
+            settings.strict.then(|| opened.inbox().clone()),
         )
         .await
         .map_err(|source| OneNetError::Bus {
             bridge: name.clone(),
             source,
         })?;
-        let queue = Arc::new(Mutex::new(queue));
-        let topics = Topics::new(&o.product_id, &o.device_name);
-        let queued = Arc::new(Notify::new());
-        let (results_tx, results_rx) = mpsc::channel(RESULT_QUEUE);
-        let intake = Intake {
+        tracing::info!(bridge = %name, product = %o.product_id, device = %o.device_name,
+            url = ?base.endpoint, mode = ?o.mode, "OneNET bridge starting");
+        let profile = OneNetProfile {
             bridge: name.clone(),
-            mode: o.mode,
-            qos: o.qos.0,
+            topics: Topics::new(&o.product_id, &o.device_name),
             routes,
-            topics: topics.clone(),
             batcher: Batcher::new(o.batch_window, keep_per_window(o.mode)),
             ids: IdCounter::starting_at(initial_id()),
             dp_ids: DpIdCounter::default(),
-            queue: queue.clone(),
-            queued: queued.clone(),
-            results: results_tx,
-            subs: subs.iter().map(Identity::of).collect(),
-            unsaved: Default::default(),
-            inbox,
-            recovered,
-            taken_seq: 0,
-            marked: 0,
-        };
-        let initial = BridgeStatus {
-            since: now_ms(),
-            ..BridgeStatus::default()
-        };
-        let (status_tx, status) = watch::channel(initial.clone());
-        let connection = Connection {
-            bridge: name.clone(),
-            o: o.clone(),
-            base,
-            topics,
-            queue,
-            queued,
-            results: results_rx,
-            bus: bus.clone(),
-            status_topic,
-            status: initial,
-            status_tx,
-            backoff: Backoff::new(reconnect.min, reconnect.max),
-            acks: AckTracker::new(),
-            pacer: Pacer::new(o.min_interval),
+            history_ids: IdCounter::starting_at(initial_id() / 3),
+            control_ids: IdCounter::starting_at(initial_id() / 2),
+            identities: o.sub_devices.iter().map(Identity::of).collect(),
+            subs: o.sub_devices.clone(),
             book: PostBook::default(),
             requests: Requests::new(o.reply_timeout),
-            last_sent: 0,
-            published: None,
-            next_report: Instant::now() + REPORT_EVERY,
-            subs,
             control: VecDeque::new(),
-            control_ids: IdCounter::starting_at(initial_id() / 2),
             latest: BTreeMap::new(),
-            merged: Default::default(),
-            history_ids: IdCounter::starting_at(initial_id() / 3),
+            rejected_topic: format!(
+                "{}/rejected",
+                settings.status_topic.trim_end_matches("/status")
+            ),
+            renew_at: None,
+            o,
+            base,
         };
-        tracing::info!(bridge = %name, product = %o.product_id, device = %o.device_name,
-            url = ?connection.base.endpoint, mode = ?o.mode, "OneNET bridge starting");
-        let (a, b) = (shutdown.clone(), shutdown.clone());
-        let task = tokio::spawn(async move {
-            tokio::join!(intake.run(link, a), connection.run(b));
-        });
+        let status = opened.status();
+        let task = tokio::spawn(engine::run(
+            settings,
+            opened,
+            profile,
+            link,
+            shutdown.clone(),
+        ));
         crate::ops::metrics::watch_bridge(&name, status.clone());
         Ok(RunningBridge {
             name,
@@ -386,19 +301,6 @@ fn keep_per_window(mode: OneNetMode) -> usize {
 /// from before the restart are not taken for new ones.
 fn initial_id() -> u64 {
     (now_ms().max(1) as u64) % 1_000_000_000_000
-}
-
-fn lock(q: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    // A panic while holding the lock cannot leave the queue inconsistent:
-    // every change is one SQLite transaction.
-    q.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]
