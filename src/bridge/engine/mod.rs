@@ -3,7 +3,7 @@
 //!
 //! The engine ([`run`]) owns everything about getting messages across: it
 //! takes messages from the local bus and the inbox, stores them in the
-//! queue, connects with the one retry policy ([`link`]), drives the rumqttc
+//! queue, connects with the one retry policy (`link.rs`), drives the rumqttc
 //! client, pairs publishes with their acknowledgements, paces, resumes from
 //! the queue after every reconnect, survives a full disk, and reports its
 //! status. A [`Profile`] supplies only what differs between remote peers:
@@ -31,7 +31,7 @@
 //!    from the oldest, after the next CONNACK (at-least-once).
 //!
 //! # How the bridge retries
-//! One answer for every profile ([`link`]): each attempt gets a fresh
+//! One answer for every profile (`link.rs`): each attempt gets a fresh
 //! client; after a failed attempt or a broken connection the next attempt
 //! waits for `reconnect.min`, doubling up to `reconnect.max`, with jitter
 //! (`mqtt::Backoff`); the delays start over only after a connection that
@@ -47,10 +47,9 @@
 //! data.
 //!
 //! # Files
-//! [`runner`](self) the loop; `link.rs` connections and retries;
-//! `pacer.rs`; `disk.rs` the full-disk state; `profile.rs` the profile
-//! interface. The profiles: `bridge/generic.rs` and
-//! `bridge/onenet/run/profile.rs`.
+//! `runner.rs` the loop; `link.rs` connections and retries; `pacer.rs`;
+//! `disk.rs` the full-disk state; `profile.rs` the profile interface. The
+//! profiles: `bridge/generic.rs` and `bridge/onenet/run/profile.rs`.
 
 mod disk;
 mod link;

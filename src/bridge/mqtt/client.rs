@@ -57,7 +57,6 @@ enum Client {
 /// only cancel it to stop for good.
 pub struct RemoteConnection {
     inner: Loop,
-    max_inflight: u16,
 }
 
 /// The request half: queues publishes and subscribes for the event loop.
@@ -89,7 +88,7 @@ const QOS0_ROOM: usize = 1024;
 pub fn remote_client(options: &RemoteOptions) -> (RemoteSender, RemoteConnection) {
     // Room for a full window of publishes plus subscribes, and for a burst
     // of QoS 0 (which no window limits): what does not fit waits in the
-    // durable queue, which is slower. A reset drains it (`clean`).
+    // durable queue, which is slower.
     let cap = options.max_inflight as usize + 16 + QOS0_ROOM;
     let (client, inner) = match options.protocol {
         MqttProtocol::Mqtt => {
@@ -101,19 +100,14 @@ pub fn remote_client(options: &RemoteOptions) -> (RemoteSender, RemoteConnection
             (Client::V5(client), Loop::V5(Box::new(eventloop)))
         }
     };
-    (
-        RemoteSender { inner: client },
-        RemoteConnection {
-            inner,
-            max_inflight: options.max_inflight,
-        },
-    )
+    (RemoteSender { inner: client }, RemoteConnection { inner })
 }
 
 impl RemoteConnection {
-    /// The next event; connects first when not connected. After an error,
-    /// call [`RemoteConnection::reset`], wait (backoff), and poll again to
-    /// reconnect.
+    /// The next event; connects first when not connected. After an error
+    /// the bridge engine drops the client and makes a new one for the next
+    /// attempt, so that rumqttc never retransmits from memory: the durable
+    /// queue resends.
     pub async fn poll(&mut self) -> Result<RemoteEvent, RemoteError> {
         match &mut self.inner {
             Loop::V4(eventloop) => {
@@ -194,26 +188,6 @@ impl RemoteConnection {
                     },
                     _ => RemoteEvent::Other,
                 })
-            }
-        }
-    }
-
-    /// Forgets rumqttc's in-memory session state after a connection error:
-    /// its unacknowledged publishes, unsent requests and packet ids. The
-    /// caller resends from the durable queue after the next CONNACK, so
-    /// nothing is sent twice by rumqttc and once more by us, and packet ids
-    /// start over consistently for both.
-    pub fn reset(&mut self) {
-        match &mut self.inner {
-            Loop::V4(eventloop) => {
-                eventloop.clean();
-                eventloop.pending.clear();
-                eventloop.state = rumqttc::MqttState::new(self.max_inflight, false);
-            }
-            Loop::V5(eventloop) => {
-                eventloop.clean();
-                eventloop.pending.clear();
-                eventloop.state = rumqttc::v5::MqttState::new(self.max_inflight, false);
             }
         }
     }

@@ -9,10 +9,10 @@
 //! - [`remote_client`]: one type over rumqttc's 3.1.1 and 5 clients, split
 //!   into a [`RemoteSender`] and a [`RemoteConnection`] whose
 //!   [`RemoteConnection::poll`] yields protocol-independent [`RemoteEvent`]s.
-//!   After an error, [`RemoteConnection::reset`] makes rumqttc forget its
-//!   in-memory pending publishes, because the caller resends from its
-//!   durable queue.
-//! - [`Backoff`]: exponential reconnect delays with jitter, capped.
+//!   The bridge engine uses one client per connection attempt, so rumqttc's
+//!   in-memory pending publishes die with it: the durable queue resends.
+//! - [`Backoff`]: exponential reconnect delays with jitter, capped: the one
+//!   retry policy of every bridge (see `bridge/engine`).
 //! - [`AckTracker`]: pairs each publish handed to rumqttc with its packet id
 //!   (`Outgoing::Publish(pkid)` comes in request order) and that packet id
 //!   with its PUBACK (QoS 1) or PUBCOMP (QoS 2).

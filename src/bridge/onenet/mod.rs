@@ -5,11 +5,12 @@
 //!   set/get, history), [`datastream`] (older `dp/post/json` and `cmd`),
 //!   [`sub`] (sub-devices: topo/add, login, pack/post);
 //! - the bookkeeping, free of I/O: [`batch`] (local payload -> timed value,
-//!   windows), [`uplink`] (pace, post replies per property), [`downlink`]
+//!   windows), [`uplink`] (post replies per property), [`downlink`]
 //!   (answering each request once: 200, error or timeout), [`connect`]
 //!   (CONNECT credentials, token refresh, the bundled CA);
-//! - the running bridge: [`run`] (intake and connection tasks on the
-//!   bridge's durable queue, started by `bridge::start_all`).
+//! - the running bridge: [`run`], the OneNET profile on the bridge engine
+//!   (`bridge/engine`, the same queue, connection, retries, acks, pace and
+//!   status as every bridge), started by `bridge::start_all`.
 
 pub mod batch;
 pub mod connect;

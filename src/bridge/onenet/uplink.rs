@@ -1,41 +1,9 @@
-//! Uplink bookkeeping: pacing to OneNET's rate, and which properties each
-//! post carried, so that a `post/reply` with an error is counted per
-//! property.
-
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+//! Uplink bookkeeping: which properties each post carried, so that a
+//! `post/reply` with an error is counted per property. (Pacing to OneNET's
+//! rate is the engine's pacer, `min_interval`.)
 
 use super::thing::Reply;
-
-/// At most one message per `interval`.
-#[derive(Debug)]
-pub struct Pacer {
-    interval: Duration,
-    next: Option<Instant>,
-}
-
-impl Pacer {
-    pub fn new(interval: Duration) -> Pacer {
-        Pacer {
-            interval,
-            next: None,
-        }
-    }
-
-    /// The earliest time the next message may go.
-    pub fn next_slot(&self) -> Option<Instant> {
-        self.next
-    }
-
-    pub fn ready(&self, now: Instant) -> bool {
-        self.next.is_none_or(|t| now >= t)
-    }
-
-    /// A message went out at `now`.
-    pub fn sent(&mut self, now: Instant) {
-        self.next = Some(now + self.interval);
-    }
-}
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// A post/reply that reported a problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,17 +65,6 @@ impl PostBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pacer_spaces_messages() {
-        let t0 = Instant::now();
-        let mut p = Pacer::new(Duration::from_secs(1));
-        assert!(p.ready(t0));
-        p.sent(t0);
-        assert!(!p.ready(t0 + Duration::from_millis(999)));
-        assert!(p.ready(t0 + Duration::from_secs(1)));
-        assert_eq!(p.next_slot(), Some(t0 + Duration::from_secs(1)));
-    }
 
     #[test]
     fn rejections_are_counted_per_property() {
