@@ -171,3 +171,22 @@ impl Window {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_count_what_they_say() {
+        let mut t = AckTracker::new();
+        t.sent(1, Qos::AtMostOnce);
+        t.sent(2, Qos::AtLeastOnce);
+        assert!(Window::AwaitingAck(2).is_open(&t), "QoS 0 awaits no ack");
+        assert!(
+            !Window::InFlight(2).is_open(&t),
+            "everything handed over counts"
+        );
+        assert_eq!(t.on_outgoing_publish(0), Some(1));
+        assert!(Window::InFlight(2).is_open(&t));
+    }
+}

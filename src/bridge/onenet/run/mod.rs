@@ -19,28 +19,20 @@ mod profile;
 pub use profile::parse_result;
 use profile::OneNetProfile;
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::batch::Batcher;
 use super::connect::{bundled_tls, Credentials};
-use super::datastream::DpIdCounter;
-use super::downlink::Requests;
-use super::sub::Identity;
-use super::thing::IdCounter;
 use super::token::TokenError;
-use super::topics::Topics;
-use super::uplink::PostBook;
 use crate::bridge::engine::{self, OpenError, Opened, Settings, Window};
 use crate::bridge::mqtt::{client_config, Endpoint, RemoteOptions, TlsError};
 use crate::bridge::queue::QueueLimits;
 use crate::bridge::{status_topic, BusLink, RunningBridge};
 use crate::bus::{Bus, BusError};
 use crate::config::{BridgeConfig, Config, MqttProtocol, OneNetConfig, OneNetMode};
-use crate::model::{now_ms, Qos};
+use crate::model::Qos;
 
 /// Problems that stop a OneNET bridge from starting.
 #[derive(Debug, thiserror::Error)]
@@ -240,29 +232,7 @@ impl OneNetBridge {
         })?;
         tracing::info!(bridge = %name, product = %o.product_id, device = %o.device_name,
             url = ?base.endpoint, mode = ?o.mode, "OneNET bridge starting");
-        let profile = OneNetProfile {
-            bridge: name.clone(),
-            topics: Topics::new(&o.product_id, &o.device_name),
-            routes,
-            batcher: Batcher::new(o.batch_window, keep_per_window(o.mode)),
-            ids: IdCounter::starting_at(initial_id()),
-            dp_ids: DpIdCounter::default(),
-            history_ids: IdCounter::starting_at(initial_id() / 3),
-            control_ids: IdCounter::starting_at(initial_id() / 2),
-            identities: o.sub_devices.iter().map(Identity::of).collect(),
-            subs: o.sub_devices.clone(),
-            book: PostBook::default(),
-            requests: Requests::new(o.reply_timeout),
-            control: VecDeque::new(),
-            latest: BTreeMap::new(),
-            rejected_topic: format!(
-                "{}/rejected",
-                settings.status_topic.trim_end_matches("/status")
-            ),
-            renew_at: None,
-            o,
-            base,
-        };
+        let profile = OneNetProfile::new(&name, o, base, routes, &settings.status_topic);
         let status = opened.status();
         let task = tokio::spawn(engine::run(
             settings,
@@ -286,21 +256,6 @@ fn result_filter(bridge: &str, mode: OneNetMode) -> String {
         OneNetMode::Thing => format!("onenet/{bridge}/set/+/result"),
         OneNetMode::Datastream => format!("{}/result", cmd_topic(bridge)),
     }
-}
-
-/// A thing-model post carries one value per property; a data-stream post
-/// takes several points per stream.
-fn keep_per_window(mode: OneNetMode) -> usize {
-    match mode {
-        OneNetMode::Thing => 1,
-        OneNetMode::Datastream => 100,
-    }
-}
-
-/// Post ids continue from the clock after a restart, so replies to posts
-/// from before the restart are not taken for new ones.
-fn initial_id() -> u64 {
-    (now_ms().max(1) as u64) % 1_000_000_000_000
 }
 
 #[cfg(test)]

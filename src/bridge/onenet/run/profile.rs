@@ -36,36 +36,67 @@ const HISTORY_MAX: usize = 50;
 const HISTORY_BYTES: usize = 128 * 1024;
 
 pub(super) struct OneNetProfile {
-    pub(super) bridge: String,
-    pub(super) o: OneNetConfig,
+    bridge: String,
+    o: OneNetConfig,
     /// Connect options without credentials.
-    pub(super) base: RemoteOptions,
-    pub(super) topics: Topics,
+    base: RemoteOptions,
+    topics: Topics,
     /// Local topic filter -> batch key (`prop`, or `<n>/<prop>` for
     /// sub-device n).
-    pub(super) routes: Vec<(String, String)>,
-    pub(super) batcher: Batcher,
-    pub(super) ids: IdCounter,
-    pub(super) dp_ids: DpIdCounter,
-    pub(super) history_ids: IdCounter,
-    pub(super) control_ids: IdCounter,
-    pub(super) subs: Vec<SubDeviceConfig>,
+    routes: Vec<(String, String)>,
+    batcher: Batcher,
+    ids: IdCounter,
+    dp_ids: DpIdCounter,
+    history_ids: IdCounter,
+    control_ids: IdCounter,
+    subs: Vec<SubDeviceConfig>,
     /// The sub-devices, by index.
-    pub(super) identities: Vec<Identity>,
-    pub(super) book: PostBook,
-    pub(super) requests: Requests,
+    identities: Vec<Identity>,
+    book: PostBook,
+    requests: Requests,
     /// Topology and login requests for the sub-devices, sent after each
     /// CONNACK ahead of any post.
-    pub(super) control: VecDeque<(String, Vec<u8>)>,
+    control: VecDeque<(String, Vec<u8>)>,
     /// The latest value of each property sent, for `thing/property/get`.
-    pub(super) latest: BTreeMap<String, Json>,
+    latest: BTreeMap<String, Json>,
     /// `edgebridge/<id>/bridges/<name>/rejected`.
-    pub(super) rejected_topic: String,
+    rejected_topic: String,
     /// When the current token must be replaced.
-    pub(super) renew_at: Option<Instant>,
+    renew_at: Option<Instant>,
 }
 
 impl OneNetProfile {
+    /// The profile of bridge `bridge`; `base` are its connect options
+    /// without credentials, `routes` local filter -> batch key.
+    pub(super) fn new(
+        bridge: &str,
+        o: OneNetConfig,
+        base: RemoteOptions,
+        routes: Vec<(String, String)>,
+        status_topic: &str,
+    ) -> OneNetProfile {
+        OneNetProfile {
+            bridge: bridge.to_string(),
+            topics: Topics::new(&o.product_id, &o.device_name),
+            routes,
+            batcher: Batcher::new(o.batch_window, keep_per_window(o.mode)),
+            ids: IdCounter::starting_at(initial_id()),
+            dp_ids: DpIdCounter::default(),
+            history_ids: IdCounter::starting_at(initial_id() / 3),
+            control_ids: IdCounter::starting_at(initial_id() / 2),
+            identities: o.sub_devices.iter().map(Identity::of).collect(),
+            subs: o.sub_devices.clone(),
+            book: PostBook::default(),
+            requests: Requests::new(o.reply_timeout),
+            control: VecDeque::new(),
+            latest: BTreeMap::new(),
+            rejected_topic: format!("{}/rejected", status_topic.trim_end_matches("/status")),
+            renew_at: None,
+            o,
+            base,
+        }
+    }
+
     fn result_key(&self, topic: &str) -> Option<String> {
         let rest = topic.strip_prefix(&format!("onenet/{}/", self.bridge))?;
         match self.o.mode {
@@ -518,6 +549,21 @@ impl Profile for OneNetProfile {
     }
 }
 
+/// A thing-model post carries one value per property; a data-stream post
+/// takes several points per stream.
+fn keep_per_window(mode: OneNetMode) -> usize {
+    match mode {
+        OneNetMode::Thing => 1,
+        OneNetMode::Datastream => 100,
+    }
+}
+
+/// Post ids continue from the clock after a restart, so replies to posts
+/// from before the restart are not taken for new ones.
+fn initial_id() -> u64 {
+    (now_ms().max(1) as u64) % 1_000_000_000_000
+}
+
 /// A local handler's result payload: the `commands:` result JSON
 /// (`{"ok":true}` / `{"ok":false,"error":"…"}`), a reply-like JSON with
 /// `code`, or text (`ok`, `success`, `200` are success; anything else is
@@ -550,5 +596,155 @@ pub fn parse_result(payload: &[u8]) -> Result<(), String> {
         "ok" | "success" | "200" | "true" => Ok(()),
         "" => Err("empty result".into()),
         _ => Err(text.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::mqtt::Endpoint;
+    use crate::config::{Config, MqttProtocol};
+    use std::time::Duration;
+
+    fn profile(extra: &str) -> OneNetProfile {
+        let text = format!(
+            "gateway: {{ id: gw }}\nbridges:\n  - name: one\n    onenet:\n      product_id: p1\n      \
+             device_name: d1\n      access_key: \"KuF3NT/jUBJ62LNBB/A8XZA9CqS3Cu79B/ABmfA1UCw=\"\n{extra}"
+        );
+        let c = Config::from_text(std::path::Path::new("/etc/eb/c.yaml"), &text, |_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let o = c.bridges[0].onenet.clone().unwrap();
+        let base = RemoteOptions {
+            protocol: MqttProtocol::Mqtt,
+            endpoint: Endpoint::parse("mqtt://127.0.0.1:1883").unwrap(),
+            client_id: "d1".into(),
+            username: None,
+            password: None,
+            keep_alive: Duration::from_secs(60),
+            clean_session: true,
+            will: None,
+            tls: None,
+            max_packet_size: 1 << 20,
+            max_inflight: 6,
+        };
+        let routes = vec![("PV/data".to_string(), "power".to_string())];
+        OneNetProfile::new("one", o, base, routes, "edgebridge/gw/bridges/one/status")
+    }
+
+    /// One window of values -> one post for the queue.
+    fn post(p: &mut OneNetProfile, value: &str) -> Message {
+        let mut out = Actions::default();
+        assert!(p
+            .uplink(Message::new("PV/data", value.to_string()), &mut out)
+            .is_none());
+        assert!(!p.holds_nothing(), "the value waits in the window");
+        let due = p.due(false).expect("an open window is due");
+        p.on_due(due + Duration::from_millis(1), false, &mut out);
+        assert!(p.holds_nothing());
+        assert_eq!(out.queue.len(), 1, "{out:?}");
+        out.queue.pop().unwrap()
+    }
+
+    fn queued(id: i64, m: Message) -> QueuedMessage {
+        QueuedMessage {
+            id,
+            ts: 0,
+            topic: m.topic,
+            payload: m.payload,
+            qos: m.qos,
+            retain: m.retain,
+        }
+    }
+
+    #[test]
+    fn values_of_a_window_become_one_post_with_the_latest_value() {
+        let mut p = profile("");
+        let mut out = Actions::default();
+        assert!(p.uplink(Message::new("PV/data", "2.5"), &mut out).is_none());
+        let m = post(&mut p, "3.5");
+        assert_eq!(m.topic, p.topics.property_post());
+        let post = PropertyPost::parse(&m.payload).unwrap();
+        let values = post.values();
+        assert_eq!(values.len(), 1, "{values:?}");
+        assert_eq!(values[0].0, "power");
+        assert_eq!(values[0].1.value, serde_json::json!(3.5));
+        // Unmatched topics and handler results are no data.
+        assert!(p.uplink(Message::new("x/y", "1"), &mut out).is_none());
+        assert!(p
+            .uplink(Message::new("onenet/one/set/led/result", "ok"), &mut out)
+            .is_none());
+        assert!(p.holds_nothing());
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_backlog_goes_out_as_history_but_the_newest_post_as_current() {
+        let mut p = profile("");
+        let posts: Vec<Message> = (0..3).map(|i| post(&mut p, &i.to_string())).collect();
+        let mut ready: VecDeque<QueuedMessage> = posts
+            .iter()
+            .cloned()
+            .zip(1..)
+            .map(|(m, id)| queued(id, m))
+            .collect();
+        let Some(Next::Send(history)) = p.next_out(&mut ready, true) else {
+            panic!("a history post");
+        };
+        assert_eq!(history.topic, p.topics.history_post());
+        assert_eq!((history.id, history.merged.as_slice()), (2, &[1, 2][..]));
+        assert_eq!(history.qos, Qos::AtLeastOnce);
+        let Some(Next::Send(current)) = p.next_out(&mut ready, true) else {
+            panic!("a property post");
+        };
+        assert_eq!(current.topic, p.topics.property_post());
+        assert_eq!((current.id, current.merged.len()), (3, 0));
+        assert!(p.next_out(&mut ready, true).is_none());
+
+        // More waiting in the queue: the newest post seen is history too.
+        let mut ready: VecDeque<QueuedMessage> = posts
+            .into_iter()
+            .zip(1..)
+            .map(|(m, id)| queued(id, m))
+            .collect();
+        let Some(Next::Send(history)) = p.next_out(&mut ready, false) else {
+            panic!("a history post");
+        };
+        assert_eq!(history.merged, [1, 2, 3]);
+    }
+
+    #[test]
+    fn without_history_replay_posts_go_one_by_one() {
+        let mut p = profile("      history_replay: false\n");
+        assert_eq!(p.lookahead(), 1);
+        let posts: Vec<Message> = (0..2).map(|i| post(&mut p, &i.to_string())).collect();
+        let mut ready: VecDeque<QueuedMessage> = posts
+            .into_iter()
+            .zip(1..)
+            .map(|(m, id)| queued(id, m))
+            .collect();
+        let Some(Next::Send(first)) = p.next_out(&mut ready, true) else {
+            panic!("a property post");
+        };
+        assert_eq!((first.id, first.merged.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_queued_message_outside_the_devices_topics_is_never_sent() {
+        let mut p = profile("");
+        let mut ready = VecDeque::from([queued(7, Message::new("other/topic", "x"))]);
+        match p.next_out(&mut ready, true) {
+            Some(Next::Drop { ids, .. }) => assert_eq!(ids, [7]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_connection_gets_a_fresh_token_and_a_renewal_time() {
+        let mut p = profile("");
+        assert!(p.renew_at().is_none());
+        let options = p.connect_options().unwrap();
+        assert_eq!(options.username.as_deref(), Some("p1"));
+        assert!(options.password.is_some());
+        assert!(p.renew_at().is_some_and(|at| at > Instant::now()));
     }
 }
