@@ -764,6 +764,19 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
         }
     }
 
+    /// A publish was written (QoS 0: done) or acknowledged: its queued
+    /// messages may be deleted.
+    fn delivered(&mut self, ev: &RemoteEvent) {
+        let done = match ev {
+            RemoteEvent::Published { pkid } => self.tracker.on_outgoing_publish(*pkid),
+            RemoteEvent::Acked { pkid } => self.tracker.on_ack(*pkid),
+            _ => None,
+        };
+        if let Some(id) = done {
+            self.status.forwarded += self.done(id);
+        }
+    }
+
     async fn on_event(&mut self, ev: ConnEvent) {
         match ev {
             Ok(RemoteEvent::Connected { session_present }) => {
@@ -788,15 +801,8 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
                 }
                 self.publish_status(true).await;
             }
-            Ok(RemoteEvent::Published { pkid }) => {
-                if let Some(id) = self.tracker.on_outgoing_publish(pkid) {
-                    self.status.forwarded += self.done(id);
-                }
-            }
-            Ok(RemoteEvent::Acked { pkid }) => {
-                if let Some(id) = self.tracker.on_ack(pkid) {
-                    self.status.forwarded += self.done(id);
-                }
+            Ok(ev @ (RemoteEvent::Published { .. } | RemoteEvent::Acked { .. })) => {
+                self.delivered(&ev);
             }
             Ok(RemoteEvent::Refused { pkid, reason }) => {
                 if let Some(id) = self.tracker.on_ack(pkid) {
@@ -876,17 +882,7 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
         let deadline = Instant::now() + GOODBYE;
         while let Ok(ev) = tokio::time::timeout_at(deadline, self.conn.next()).await {
             match ev {
-                Ok(RemoteEvent::Published { pkid }) => {
-                    if let Some(id) = self.tracker.on_outgoing_publish(pkid) {
-                        self.status.forwarded += self.done(id);
-                    }
-                }
-                Ok(RemoteEvent::Acked { pkid }) => {
-                    if let Some(id) = self.tracker.on_ack(pkid) {
-                        self.status.forwarded += self.done(id);
-                    }
-                }
-                Ok(_) => {}
+                Ok(ev) => self.delivered(&ev),
                 Err(_) => break,
             }
         }

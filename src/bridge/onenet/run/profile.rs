@@ -656,6 +656,16 @@ mod tests {
         }
     }
 
+    /// Messages as the queue hands them out: ids from 1.
+    fn as_queued(posts: &[Message]) -> VecDeque<QueuedMessage> {
+        posts
+            .iter()
+            .cloned()
+            .zip(1..)
+            .map(|(m, id)| queued(id, m))
+            .collect()
+    }
+
     #[test]
     fn values_of_a_window_become_one_post_with_the_latest_value() {
         let mut p = profile("");
@@ -681,12 +691,7 @@ mod tests {
     fn a_backlog_goes_out_as_history_but_the_newest_post_as_current() {
         let mut p = profile("");
         let posts: Vec<Message> = (0..3).map(|i| post(&mut p, &i.to_string())).collect();
-        let mut ready: VecDeque<QueuedMessage> = posts
-            .iter()
-            .cloned()
-            .zip(1..)
-            .map(|(m, id)| queued(id, m))
-            .collect();
+        let mut ready = as_queued(&posts);
         let Some(Next::Send(history)) = p.next_out(&mut ready, true) else {
             panic!("a history post");
         };
@@ -701,11 +706,7 @@ mod tests {
         assert!(p.next_out(&mut ready, true).is_none());
 
         // More waiting in the queue: the newest post seen is history too.
-        let mut ready: VecDeque<QueuedMessage> = posts
-            .into_iter()
-            .zip(1..)
-            .map(|(m, id)| queued(id, m))
-            .collect();
+        let mut ready = as_queued(&posts);
         let Some(Next::Send(history)) = p.next_out(&mut ready, false) else {
             panic!("a history post");
         };
@@ -717,11 +718,7 @@ mod tests {
         let mut p = profile("      history_replay: false\n");
         assert_eq!(p.lookahead(), 1);
         let posts: Vec<Message> = (0..2).map(|i| post(&mut p, &i.to_string())).collect();
-        let mut ready: VecDeque<QueuedMessage> = posts
-            .into_iter()
-            .zip(1..)
-            .map(|(m, id)| queued(id, m))
-            .collect();
+        let mut ready = as_queued(&posts);
         let Some(Next::Send(first)) = p.next_out(&mut ready, true) else {
             panic!("a property post");
         };
