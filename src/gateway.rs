@@ -15,12 +15,12 @@ use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bus::{Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
 use crate::drivers::units::DriverUnits;
-use crate::drivers::{Devices, DriverContext, DriverError};
+use crate::drivers::{Devices, DriverContext, DriverError, Events};
 use crate::model::Message;
 use crate::ops::health::{BridgeHealth, HealthProbe, Summary};
 use crate::ops::reload::{self, Changes, ConfigReload};
 use crate::pipeline::rules::{ReloadReport, RuleError, RuleErrors, Rules, RulesRuntime};
-use crate::pipeline::{self, mapping::Mappings};
+use crate::pipeline::{self, mapping::Mappings, Pipeline};
 use crate::status::Status;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +78,9 @@ impl Gateway {
             let bus = Bus::external(&config, will).await?;
             (None, bus)
         };
-        let status = Status::new(&id, bus.clone());
+        let status = Status::start(&id, bus.clone());
         status.gateway(true).await;
+        status.sync().await;
         let probe = HealthProbe::new(&bus, &id).await?;
 
         // Bridges subscribe before any driver runs, so no reading is missed.
@@ -100,8 +101,7 @@ impl Gateway {
         // the rules thread at once.
         let mappings = Mappings::new(&config.mappings, &id);
         let ctx = DriverContext {
-            readings: readings_tx,
-            status: status.clone(),
+            events: Events::new(readings_tx, status.clone()),
             shutdown: shutdown.child_token(),
             tasks: TaskTracker::new(),
         };
@@ -115,12 +115,16 @@ impl Gateway {
                 return Err(e.into());
             }
         };
-        let rules = match rules {
-            Some(r) => Some(
-                RulesRuntime::start(
+        // One path for every reading: the rules thread runs it when there
+        // are rules, a task when there are none.
+        let path = Pipeline::new(Arc::new(mappings.clone()), bus.clone());
+        let (rules, pipeline) = match rules {
+            Some(r) => {
+                let (runtime, ended) = RulesRuntime::start(
                     r,
                     &config,
-                    Arc::new(mappings.clone()),
+                    path,
+                    readings_rx,
                     bus.clone(),
                     units.devices().clone(),
                     status.clone(),
@@ -130,16 +134,11 @@ impl Gateway {
                     shutdown.cancel();
                     bridge_shutdown.cancel();
                     GatewayError::RulesThread(e)
-                })?,
-            ),
-            None => None,
+                })?;
+                (Some(runtime), ended)
+            }
+            None => (None, pipeline::spawn(readings_rx, path)),
         };
-        let pipeline = tokio::spawn(pipeline::run(
-            readings_rx,
-            Arc::new(mappings.clone()),
-            bus.clone(),
-            rules.clone(),
-        ));
         let commands =
             match pipeline::commands::run(&config, bus.clone(), units.devices().clone()).await {
                 Ok(c) => c,
@@ -405,11 +404,12 @@ impl Gateway {
         if !self.units.stop(Duration::from_millis(800)).await {
             tracing::warn!("some devices did not stop within 800ms");
         }
-        // Drivers are gone, so the pipeline ends once it has drained.
-        let _ = tokio::time::timeout(Duration::from_millis(300), self.pipeline).await;
+        // Drivers are gone: the rules thread maps what they sent last
+        // without rules and ends; so does the pipeline once it has drained.
         if let Some(r) = &self.rules {
             r.shutdown(Duration::from_millis(500)).await;
         }
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.pipeline).await;
         if !self.bridges.is_empty() {
             // Let the pipeline's last messages reach the bridges, then stop
             // them: they queue what they got and say goodbye to the cloud.
@@ -425,6 +425,7 @@ impl Gateway {
             }
         }
         self.status.gateway(false).await;
+        self.status.sync().await;
         self.bus.flush(Duration::from_millis(300)).await;
         if let Some(b) = &self.broker {
             b.shutdown().await;

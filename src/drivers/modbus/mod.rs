@@ -76,9 +76,8 @@ pub fn spawn(
             Session::new(endpoint),
             list.iter().map(|d| Device::from_config(d)).collect(),
             FieldBusIo {
-                readings: ctx.readings.clone(),
+                events: ctx.events.clone(),
                 commands: rx,
-                status: ctx.status.clone(),
                 shutdown: ctx.shutdown.clone(),
             },
         );

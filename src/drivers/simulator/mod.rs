@@ -64,7 +64,7 @@ pub fn spawn(dev: DeviceConfig, ctx: DriverContext, mut commands: mpsc::Receiver
         let start = Instant::now();
         let mut tick = tokio::time::interval(dev.poll_interval());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ctx.status.device(&dev.name, true, None).await;
+        ctx.events.online(&dev.name).await;
         tracing::info!(device = %dev.name, points = dev.points.len(), "simulator started");
         loop {
             tokio::select! {
@@ -86,13 +86,23 @@ pub fn spawn(dev: DeviceConfig, ctx: DriverContext, mut commands: mpsc::Receiver
                         quality: Quality::Good,
                     }).collect();
                     metrics::device_poll(&dev.name, PollOutcome::Ok, polled.elapsed());
-                    if ctx.readings.send(batch).await.is_err() {
+                    // Writes are answered while the pipeline is full.
+                    let sent = loop {
+                        tokio::select! {
+                            slot = ctx.events.reserve() => break slot.map(|s| s.send(batch)),
+                            Some(cmd) = commands.recv() => {
+                                let result = write(&dev, &mut overrides, &cmd);
+                                reply(cmd, result);
+                            }
+                        }
+                    };
+                    if sent.is_err() {
                         break;
                     }
                 }
             }
         }
-        ctx.status.device(&dev.name, false, Some("gateway stopped")).await;
+        ctx.events.offline(&dev.name, Some("gateway stopped")).await;
     });
 }
 
