@@ -4,6 +4,7 @@
 //! status task. Drivers never publish nor name a topic. [`Devices`] carries
 //! [`Command`]s back to the owning driver.
 
+pub mod check;
 pub mod modbus;
 pub mod serial_line;
 pub mod simulator;

@@ -11,6 +11,7 @@
 //! - [`fieldbus`]: the task that owns one transport and its devices;
 //! - [`inspect`]: what `edgebridge read` prints.
 
+pub mod check;
 pub mod decode;
 pub mod device;
 pub mod fieldbus;

@@ -5,6 +5,7 @@
 //! missing or lost (an unplugged USB adapter reads EOF forever, which is
 //! treated as "lost", never as data).
 
+pub mod check;
 pub mod codec;
 
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! install shows realistic data at once. Writable points take commands;
 //! a written value overrides the wave until the next write.
 
+pub mod check;
+
 use std::collections::HashMap;
 use std::f64::consts::PI;
 use std::sync::Arc;
