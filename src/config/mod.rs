@@ -22,7 +22,7 @@ pub use bridges::*;
 pub use devices::*;
 pub use error::{ConfigError, ConfigErrors};
 pub use source::{substitute_env, Locator, UnsetVar};
-pub use validate::{Problem, Problems};
+pub use validate::{is_valid_name, Problem, Problems};
 pub use values::{ByteSize, QosLevel, Secret};
 
 /// The whole config file.

@@ -8,10 +8,12 @@
 //!   windows), [`uplink`] (pace, post replies per property), [`downlink`]
 //!   (answering each request once: 200, error or timeout), [`connect`]
 //!   (CONNECT credentials, token refresh, the bundled CA);
+//! - its config: [`check`] (what OneNET enforces, checked at load);
 //! - the running bridge: [`run`] (intake and connection tasks on the
 //!   bridge's durable queue, started by `bridge::start_all`).
 
 pub mod batch;
+pub mod check;
 pub mod connect;
 pub mod datastream;
 pub mod downlink;
