@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bridge::{self, Bridge, BridgeSpec, RunningBridge, StartError};
 use crate::broker::{BrokerError, EmbeddedBroker};
-use crate::bus::{Bus, BusError};
+use crate::bus::{self, Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
 use crate::drivers::units::DriverUnits;
 use crate::drivers::{Devices, DriverContext, DriverError, Events};
@@ -59,6 +59,10 @@ pub struct Gateway {
     /// Bridges stop after the pipeline drained, so its last messages are
     /// queued.
     bridge_shutdown: CancellationToken,
+    /// The tasks reporting each bridge's status changes (they end with
+    /// their bridge).
+    bridge_reports: Vec<JoinHandle<()>>,
+    external_report: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -86,6 +90,15 @@ impl Gateway {
         // Bridges subscribe before any driver runs, so no reading is missed.
         let bridge_shutdown = CancellationToken::new();
         let bridges = bridge::start_all(&config, &bus, &bridge_shutdown).await?;
+        let bridge_reports = bridges
+            .iter()
+            .map(|b| status.follow_bridge(&b.name, b.status.clone()))
+            .collect();
+        // With an external broker, its publisher is a bridge too (it stops
+        // with the bus, after the status task's last words).
+        let external_report = bus
+            .external_status()
+            .map(|s| status.follow_bridge(bus::external::NAME, s));
         // Only now do LAN clients get in: whatever they publish first (a
         // session's queued messages after a restart) reaches the bridges.
         if let Some(b) = &broker {
@@ -163,6 +176,8 @@ impl Gateway {
             rules,
             bridges,
             bridge_shutdown,
+            bridge_reports,
+            external_report,
         })
     }
 
@@ -273,6 +288,9 @@ impl Gateway {
             };
             match started {
                 Ok(running) => {
+                    self.bridge_reports.retain(|report| !report.is_finished());
+                    self.bridge_reports
+                        .push(self.status.follow_bridge(&name, running.status.clone()));
                     if !changes.restarted.contains(&name) {
                         changes.started.push(name);
                     }
@@ -423,6 +441,13 @@ impl Gateway {
                     tracing::warn!(bridge = %b.name, "bridge did not stop within 2s");
                 }
             }
+        }
+        // Their last states reach the status task, then the bus.
+        for report in self.bridge_reports {
+            let _ = tokio::time::timeout(Duration::from_millis(300), report).await;
+        }
+        if let Some(report) = &self.external_report {
+            report.abort();
         }
         self.status.gateway(false).await;
         self.status.sync().await;

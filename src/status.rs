@@ -12,16 +12,18 @@
 //! | `edgebridge/<id>/devices/<device>/status` | `online`, `offline`, or `{"status":"offline","reason":…}` |
 //! | `edgebridge/<id>/devices/<device>/stats` | the driver's counters as JSON, plus `"online"` |
 //! | `edgebridge/<id>/rules` | the rules' counters |
+//! | `edgebridge/<id>/bridges/<name>/status` | the bridge's status as JSON, when it changes ([`Status::follow_bridge`]) |
 //!
 //! (`edgebridge/<id>/health` is the health probe's round trip, see
-//! [`crate::ops::health`]; each bridge's `…/bridges/<name>/status` is
-//! published by the bridge with its connection, as its last will must be.)
+//! [`crate::ops::health`].)
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
 use crate::model::Message;
@@ -49,6 +51,8 @@ pub enum Event {
     },
     /// The rules' counters (JSON).
     Rules(String),
+    /// A bridge's status (JSON).
+    Bridge { name: String, json: String },
     /// Answered once everything reported before it is published.
     Sync(oneshot::Sender<()>),
 }
@@ -121,6 +125,37 @@ impl Status {
         let _ = rx.await;
     }
 
+    /// Reports each change of a bridge's status (as JSON) until the bridge
+    /// is gone, its last state included. The bridge only updates `status`.
+    pub fn follow_bridge<T>(&self, name: &str, mut status: watch::Receiver<T>) -> JoinHandle<()>
+    where
+        T: Serialize + Send + Sync + 'static,
+    {
+        let (this, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                let json = serde_json::to_string(&*status.borrow_and_update());
+                match json {
+                    Ok(json) if json != last => {
+                        last = json.clone();
+                        let name = name.clone();
+                        this.report(Event::Bridge { name, json }).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(bridge = %name, error = %e, "cannot encode bridge status")
+                    }
+                }
+                // Err once the bridge has stopped and its last state was
+                // seen (an unseen last state comes first).
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Each device's last reported state (`true` = online), by name.
     pub fn devices(&self) -> BTreeMap<String, bool> {
         // A poisoned lock only means a panic elsewhere; the map is fine.
@@ -166,6 +201,7 @@ async fn run(mut events: mpsc::Receiver<Event>, bus: Bus, gateway_id: Arc<str>) 
                 (format!("devices/{device}/stats"), Bytes::from(json))
             }
             Event::Rules(json) => ("rules".to_string(), Bytes::from(json)),
+            Event::Bridge { name, json } => (format!("bridges/{name}/status"), Bytes::from(json)),
         };
         let topic = format!("edgebridge/{gateway_id}/{subtopic}");
         bus.publish(Message::new(topic, payload).retained()).await;
