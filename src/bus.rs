@@ -88,7 +88,8 @@ impl Bus {
     /// Stops the external broker's publisher once it has queued what it
     /// was given (nothing to do on the embedded broker).
     pub async fn close(&self) {
-        if let Backend::External(_, publisher) = &self.backend {
+        if let Backend::External(ext, publisher) = &self.backend {
+            ext.close();
             publisher.close().await;
         }
     }
@@ -335,11 +336,12 @@ pub mod external {
 
     #[derive(Clone)]
     pub struct External {
-        url: String,
-        host: String,
-        port: u16,
+        endpoint: Endpoint,
         prefix: String,
         credentials: Option<(String, String)>,
+        /// Cancelled by [`Bus::close`]: stops every subscriber's
+        /// connection task.
+        stop: CancellationToken,
     }
 
     /// The running publisher (a bridge task).
@@ -402,10 +404,9 @@ pub mod external {
         rx: mpsc::Receiver<Message>,
         bus: mpsc::WeakSender<Message>,
     ) -> Result<Publisher, BusError> {
-        let endpoint = Endpoint::parse(&ext.url).map_err(|e| BusError::External(e.to_string()))?;
         let remote = RemoteOptions {
             protocol: crate::config::MqttProtocol::default(),
-            endpoint,
+            endpoint: ext.endpoint.clone(),
             client_id: format!("{}-gateway", ext.prefix),
             username: ext.credentials.as_ref().map(|(u, _)| u.clone()),
             password: ext
@@ -471,29 +472,27 @@ pub mod external {
             client_id: &str,
             credentials: Option<(String, String)>,
         ) -> Result<External, BusError> {
-            let rest = url
-                .strip_prefix("mqtt://")
-                .or_else(|| url.strip_prefix("tcp://"))
-                .ok_or_else(|| BusError::External(format!("unsupported URL `{url}`")))?;
-            let (host, port) = match rest.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse()
-                        .map_err(|_| BusError::External(format!("bad port in `{url}`")))?,
-                ),
-                None => (rest.to_string(), 1883),
-            };
+            let endpoint =
+                Endpoint::parse_plain(url).map_err(|e| BusError::External(e.to_string()))?;
             Ok(External {
-                url: format!("mqtt://{host}:{port}"),
-                host,
-                port,
+                endpoint,
                 prefix: client_id.to_string(),
                 credentials,
+                stop: CancellationToken::new(),
             })
         }
 
+        /// Stops every subscriber's connection task.
+        pub fn close(&self) {
+            self.stop.cancel();
+        }
+
         fn options(&self, id: &str) -> MqttOptions {
-            let mut o = MqttOptions::new(format!("{}-{id}", self.prefix), &self.host, self.port);
+            let mut o = MqttOptions::new(
+                format!("{}-{id}", self.prefix),
+                &self.endpoint.host,
+                self.endpoint.port,
+            );
             o.set_keep_alive(Duration::from_secs(30));
             o.set_max_packet_size(1 << 20, 1 << 20);
             if let Some((u, p)) = &self.credentials {
@@ -511,47 +510,60 @@ pub mod external {
             let (tx, rx) = mpsc::channel(1024);
             spawn_loop(
                 eventloop,
-                Some((client.clone(), tx)),
+                client.clone(),
+                tx,
                 filters.iter().map(|(f, q)| (f.clone(), qos(*q))).collect(),
+                self.stop.child_token(),
             );
             Ok((client, rx))
         }
     }
 
+    /// One subscriber's connection: (re)subscribes on every connect and
+    /// hands what arrives to the subscription. Ends when the subscription
+    /// is dropped or the bus is closed (`stop`).
     fn spawn_loop(
         mut eventloop: rumqttc::EventLoop,
-        sink: Option<(AsyncClient, mpsc::Sender<Message>)>,
+        client: AsyncClient,
+        tx: mpsc::Sender<Message>,
         filters: Vec<(String, QoS)>,
+        stop: CancellationToken,
     ) {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match eventloop.poll().await {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tx.closed() => break,
+                    event = eventloop.poll() => event,
+                };
+                match event {
                     Ok(Event::Incoming(CPacket::ConnAck(_))) => {
                         backoff = Duration::from_millis(100);
-                        if let Some((client, _)) = &sink {
-                            for (f, q) in &filters {
-                                let _ = client.subscribe(f.clone(), *q).await;
-                            }
+                        for (f, q) in &filters {
+                            let _ = client.subscribe(f.clone(), *q).await;
                         }
                     }
                     Ok(Event::Incoming(CPacket::Publish(p))) => {
-                        if let Some((_, tx)) = &sink {
-                            let msg = Message {
-                                topic: p.topic.clone(),
-                                payload: p.payload.clone(),
-                                qos: Qos::from_u8(p.qos as u8).unwrap_or_default(),
-                                retain: p.retain,
-                            };
-                            if tx.send(msg).await.is_err() {
-                                return;
-                            }
+                        let msg = Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            qos: Qos::from_u8(p.qos as u8).unwrap_or_default(),
+                            retain: p.retain,
+                        };
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            sent = tx.send(msg) => if sent.is_err() { break },
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "external broker connection");
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tx.closed() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
                         backoff = (backoff * 2).min(RECONNECT_MAX);
                     }
                 }

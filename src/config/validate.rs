@@ -86,11 +86,8 @@ fn broker(config: &Config, p: &mut Problems) {
         );
     }
     if let Some(url) = &b.external {
-        if !(url.starts_with("mqtt://") || url.starts_with("tcp://")) {
-            p.add(
-                "broker.external",
-                "must be a URL like mqtt://127.0.0.1:1883",
-            );
+        if let Err(e) = crate::bridge::mqtt::Endpoint::parse_plain(url) {
+            p.add("broker.external", e.to_string());
         }
     }
     let mut seen = HashSet::new();
@@ -505,15 +502,12 @@ fn bridges(config: &Config, p: &mut Problems) {
             p.add(at("name"), format!("duplicate bridge name `{}`", b.name));
         }
         if b.onenet.is_none() {
-            match &b.url {
-                None => p.add(
+            // `bridge_connection` checks the URL itself.
+            if b.url.is_none() {
+                p.add(
                     format!("bridges[{i}]"),
                     "a bridge needs `url` (or `onenet:`)",
-                ),
-                Some(u) if !(u.starts_with("mqtt://") || u.starts_with("mqtts://")) => {
-                    p.add(at("url"), "must start with mqtt:// or mqtts://")
-                }
-                Some(_) => {}
+                );
             }
             if !b.properties.is_empty() {
                 p.add(
@@ -951,11 +945,6 @@ fn onenet(i: usize, b: &BridgeConfig, o: &OneNetConfig, p: &mut Problems) {
             at("queue.write_behind"),
             "a OneNET bridge writes every post before sending it; remove `write_behind`",
         );
-    }
-    if let Some(u) = &b.url {
-        if !(u.starts_with("mqtt://") || u.starts_with("mqtts://")) {
-            p.add(at("url"), "must start with mqtt:// or mqtts://");
-        }
     }
     for (key, present) in [
         ("client_id", b.client_id.is_some()),
