@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::*;
+use crate::pipeline::mapping::{Field, Template};
 
 /// One validation problem; `path` is like `devices[1].points[0].name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,42 +408,17 @@ fn mappings(config: &Config, p: &mut Problems) {
                 }
             }
         }
-        if let Err(e) = check_template(&m.topic, &["device", "point", "gateway"]) {
-            p.add(at("topic"), e);
+        if let Err(e) = Template::parse(&m.topic, Field::TOPIC) {
+            p.add(at("topic"), e.to_string());
         } else if m.topic.contains(['+', '#']) {
             p.add(at("topic"), "a topic to publish cannot contain `+` or `#`");
         }
         if let PayloadFormat::Template(t) = &m.payload {
-            if let Err(e) =
-                check_template(t, &["value", "unit", "ts", "device", "point", "gateway"])
-            {
-                p.add(at("payload"), e);
+            if let Err(e) = Template::parse(t, Field::PAYLOAD) {
+                p.add(at("payload"), e.to_string());
             }
         }
     }
-}
-
-/// A template's `{name}` placeholders must be among `allowed`.
-pub fn check_template(t: &str, allowed: &[&str]) -> Result<(), String> {
-    let mut rest = t;
-    while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else {
-            return Err(format!("unclosed `{{` in `{t}`"));
-        };
-        let name = &rest[open + 1..open + close];
-        if !allowed.contains(&name) {
-            return Err(format!(
-                "unknown placeholder `{{{name}}}`; use {}",
-                allowed
-                    .iter()
-                    .map(|a| format!("{{{a}}}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ));
-        }
-        rest = &rest[open + close + 1..];
-    }
-    Ok(())
 }
 
 /// The longest `rules.deadline` accepted: a rule that needs more is a
