@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, DeviceConfig, DriverKind};
-use crate::model::{Command, CommandResult, ReadingBatch, Value};
+use crate::model::{Command, CommandResult, ReadingBatch, Value, WriteError};
 use crate::status::Status;
 
 /// Commands waiting for one device's driver.
@@ -77,7 +77,7 @@ impl Devices {
             .get(device)
             .cloned();
         let Some(tx) = tx else {
-            return Err(format!("no device named `{device}`"));
+            return Err(WriteError::NoSuchDevice(device.to_string()));
         };
         let (reply, answer) = oneshot::channel();
         let cmd = Command {
@@ -88,14 +88,14 @@ impl Devices {
         };
         tx.send(cmd)
             .await
-            .map_err(|_| format!("device `{device}` is not running"))?;
+            .map_err(|_| WriteError::NotRunning(device.to_string()))?;
         match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(format!("device `{device}` dropped the command")),
-            Err(_) => Err(format!(
-                "device `{device}` did not answer within {}s",
-                COMMAND_TIMEOUT.as_secs()
-            )),
+            Ok(Err(_)) => Err(WriteError::Dropped(device.to_string())),
+            Err(_) => Err(WriteError::Timeout {
+                device: device.to_string(),
+                after: COMMAND_TIMEOUT,
+            }),
         }
     }
 }

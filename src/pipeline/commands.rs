@@ -6,18 +6,18 @@ use std::collections::HashMap;
 use crate::bus::{Bus, Subscription};
 use crate::config::{CommandConfig, Config, DataType};
 use crate::drivers::Devices;
-use crate::model::{Message, Qos, Value};
+use crate::model::{Message, Qos, Value, ValueError};
 
 /// Parses a command payload: `on`/`off`, `true`/`false`, numbers, or JSON
 /// (`{"value": …}` or a bare JSON value); anything else is text.
-pub fn parse_payload(payload: &[u8]) -> Result<Value, String> {
+pub fn parse_payload(payload: &[u8]) -> Result<Value, ValueError> {
     let text = std::str::from_utf8(payload)
-        .map_err(|_| "payload is not UTF-8 text".to_string())?
+        .map_err(|_| ValueError::NotUtf8)?
         .trim();
     match text.to_ascii_lowercase().as_str() {
         "on" | "true" => return Ok(Value::Bool(true)),
         "off" | "false" => return Ok(Value::Bool(false)),
-        "" => return Err("empty payload".into()),
+        "" => return Err(ValueError::Empty),
         _ => {}
     }
     if let Ok(i) = text.parse::<i64>() {
@@ -31,41 +31,39 @@ pub fn parse_payload(payload: &[u8]) -> Result<Value, String> {
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(mut o)) => match o.remove("value") {
             Some(v) => json_value(v),
-            None => Err("JSON payload needs a \"value\" key".into()),
+            None => Err(ValueError::NoValueKey),
         },
         Ok(v) => json_value(v),
         Err(_) => Ok(Value::Text(text.to_string())),
     }
 }
 
-fn json_value(v: serde_json::Value) -> Result<Value, String> {
+fn json_value(v: serde_json::Value) -> Result<Value, ValueError> {
     match v {
         serde_json::Value::Bool(b) => Ok(Value::Bool(b)),
         serde_json::Value::Number(n) => n
             .as_i64()
             .map(Value::Int)
             .or_else(|| n.as_f64().map(Value::Float))
-            .ok_or_else(|| format!("number {n} out of range")),
+            .ok_or_else(|| ValueError::OutOfRange(n.to_string())),
         serde_json::Value::String(s) => parse_payload(s.as_bytes()),
-        other => Err(format!("unsupported value {other}")),
+        other => Err(ValueError::Unsupported(other.to_string())),
     }
 }
 
 /// Converts a parsed value to what a point of type `ty` takes.
-pub fn coerce(value: Value, ty: DataType) -> Result<Value, String> {
+pub fn coerce(value: Value, ty: DataType) -> Result<Value, ValueError> {
     match ty {
         DataType::Bool => match value {
             Value::Bool(b) => Ok(Value::Bool(b)),
             Value::Int(0) => Ok(Value::Bool(false)),
             Value::Int(1) => Ok(Value::Bool(true)),
-            other => Err(format!(
-                "`{other}` is not a boolean (use on/off, true/false, 1/0)"
-            )),
+            other => Err(ValueError::NotBool(other.to_string())),
         },
         DataType::String => Ok(Value::Text(value.to_string())),
         _ => match value {
             Value::Bool(b) => Ok(Value::Int(b as i64)),
-            Value::Text(t) => Err(format!("`{t}` is not a number")),
+            Value::Text(t) => Err(ValueError::NotNumber(t)),
             n => Ok(n),
         },
     }
@@ -141,13 +139,13 @@ async fn serve(mut sub: Subscription, routes: HashMap<String, Route>, bus: Bus, 
             });
             let result = match value {
                 Ok(v) => devices.write(&device, &point, v).await,
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             };
             let payload = match &result {
                 Ok(()) => serde_json::json!({"ok": true, "device": device, "point": point}),
                 Err(e) => {
                     tracing::warn!(%device, %point, error = %e, "command failed");
-                    serde_json::json!({"ok": false, "device": device, "point": point, "error": e})
+                    serde_json::json!({"ok": false, "device": device, "point": point, "error": e.to_string()})
                 }
             };
             bus.publish(Message::new(result_topic, payload.to_string()))

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::config::{MappingConfig, PayloadFormat};
-use crate::model::{Message, Qos, Quality, Reading, Value};
+use crate::model::{Message, Qos, Quality, Reading, ReadingJson, Value};
 pub use template::{Field, Template, TemplateError};
 
 /// `device/point` with `*` per segment.
@@ -138,21 +138,7 @@ impl Mapping {
             .or(r.unit.as_deref())
             .unwrap_or_default();
         let payload = match (&self.payload, &r.quality) {
-            (Payload::Json, q) => {
-                let mut obj = serde_json::Map::new();
-                match q {
-                    Quality::Good => obj.insert("value".into(), value.to_json()),
-                    Quality::Bad(e) => {
-                        obj.insert("value".into(), serde_json::Value::Null);
-                        obj.insert("error".into(), e.clone().into())
-                    }
-                };
-                if !unit.is_empty() {
-                    obj.insert("unit".into(), unit.into());
-                }
-                obj.insert("ts".into(), r.ts.into());
-                Bytes::from(serde_json::Value::Object(obj).to_string())
-            }
+            (Payload::Json, _) => ReadingJson::new(r, &value, unit).to_bytes(),
             (_, Quality::Bad(_)) => return None,
             (Payload::Value, _) => Bytes::from(value.to_string()),
             (Payload::Template(t), _) => {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use crate::model::Millis;
+use crate::model::{Millis, ReadingJson};
 
 /// One value of one property, with the time it was measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,25 +37,16 @@ impl Sample {
                 time: received,
             });
         };
-        if let Json::Object(map) = &json {
-            let only_reading_keys = map
-                .keys()
-                .all(|k| matches!(k.as_str(), "value" | "unit" | "ts" | "error"));
-            // A bad-quality reading (`{"value":null,"error":…}`) has no
-            // value to post: the platform would take the object for one.
-            if only_reading_keys && map.contains_key("error") {
+        if let Some(reading) = ReadingJson::parse(&json) {
+            // A bad-quality reading has no value to post: the platform
+            // would take the object for one.
+            if !reading.is_good() {
                 return None;
             }
-            if only_reading_keys {
-                if let (Some(value), Some(ts)) =
-                    (map.get("value"), map.get("ts").and_then(Json::as_i64))
-                {
-                    return Some(Sample {
-                        value: value.clone(),
-                        time: ts,
-                    });
-                }
-            }
+            return Some(Sample {
+                value: reading.value,
+                time: reading.ts,
+            });
         }
         Some(Sample {
             value: json,
