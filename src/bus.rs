@@ -77,7 +77,7 @@ impl Bus {
         let client_id = format!("edgebridge-{}", config.gateway.id);
         let ext = external::External::new(&url, &client_id, credentials)?;
         let (publish_tx, rx) = mpsc::channel::<Message>(PUBLISH_QUEUE);
-        let publisher = external::publisher(config, &ext, will, rx, publish_tx.downgrade())?;
+        let publisher = external::publisher(config, &ext, will, rx, publish_tx.downgrade()).await?;
         Ok(Bus {
             publish_tx: Some(publish_tx),
             direct: None,
@@ -322,7 +322,7 @@ pub mod external {
     use super::*;
     use crate::bridge::mqtt::{Endpoint, RemoteOptions, Will};
     use crate::bridge::queue::QueueLimits;
-    use crate::bridge::{status_topic, Bridge, BridgeSpec, LocalLink};
+    use crate::bridge::{status_topic, BridgeSpec, LocalLink};
     use crate::config::{QueueConfig, ReconnectConfig, TopicRoute};
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet as CPacket, QoS};
     use tokio_util::sync::CancellationToken;
@@ -397,7 +397,7 @@ pub mod external {
 
     /// Starts the bridge that carries everything the gateway publishes to
     /// the external broker, with the gateway's last will.
-    pub fn publisher(
+    pub async fn publisher(
         config: &crate::config::Config,
         ext: &External,
         will: Message,
@@ -446,7 +446,9 @@ pub mod external {
             keep_message_qos: true,
             strict: false,
         };
-        let bridge = Bridge::open(spec).map_err(|e| BusError::External(e.to_string()))?;
+        let bridge = crate::bridge::open(spec)
+            .await
+            .map_err(|e| BusError::External(e.to_string()))?;
         let status = bridge.status();
         crate::ops::metrics::watch_bridge(NAME, status.clone());
         let stop = CancellationToken::new();

@@ -2,6 +2,14 @@
 //! the outcome is published on the command's result topic.
 
 use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bus::{Bus, Subscription};
 use crate::config::{CommandConfig, Config, DataType};
@@ -69,6 +77,7 @@ pub fn coerce(value: Value, ty: DataType) -> Result<Value, ValueError> {
     }
 }
 
+#[derive(Clone)]
 struct Route {
     device: String,
     point: String,
@@ -77,14 +86,59 @@ struct Route {
     result_topic: String,
 }
 
+/// Writes under way at once, at most; further commands wait on the bus
+/// (whose subscriber queue is bounded too).
+const WRITES_IN_FLIGHT: usize = 32;
+
+/// The running `commands:` service. Each command is its own task (a slow
+/// device does not hold up the others; the driver orders its writes), at
+/// most [`WRITES_IN_FLIGHT`] at once, and all of them tracked so that the
+/// gateway can wait for their results at shutdown.
+pub struct Commands {
+    stop: CancellationToken,
+    writes: TaskTracker,
+    task: JoinHandle<()>,
+}
+
+impl Commands {
+    /// Stops taking commands. Writes under way still finish and publish
+    /// their results (each is bounded by the driver's answer timeout).
+    pub fn abort(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops taking commands and waits up to `within` for the writes under
+    /// way to publish their results; false if some did not.
+    pub async fn stop(self, within: Duration) -> bool {
+        self.abort();
+        let _ = self.task.await;
+        tokio::time::timeout(within, self.writes.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// Awaiting [`Commands`] waits until it takes no more commands (after
+/// [`Commands::abort`], or when the bus closes).
+impl IntoFuture for Commands {
+    type Output = ();
+    type IntoFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let _ = self.task.await;
+        })
+    }
+}
+
 /// Subscribes to every command topic and serves them until the bus closes
-/// or the returned task is aborted (a config reload); `None` when there
-/// are no commands.
+/// or [`Commands::abort`] (a config reload); `None` when there are no
+/// commands.
 pub async fn run(
     config: &Config,
     bus: Bus,
     devices: Devices,
-) -> Result<Option<tokio::task::JoinHandle<()>>, crate::bus::BusError> {
+) -> Result<Option<Commands>, crate::bus::BusError> {
     if config.commands.is_empty() {
         return Ok(None);
     }
@@ -114,44 +168,88 @@ pub async fn run(
         .map(|t| (t.clone(), Qos::AtLeastOnce))
         .collect();
     let sub: Subscription = bus.subscribe("edgebridge-commands", &filters).await?;
-    Ok(Some(tokio::spawn(serve(sub, routes, bus, devices))))
+    let stop = CancellationToken::new();
+    let writes = TaskTracker::new();
+    let server = Server {
+        routes,
+        bus,
+        devices,
+        writes: writes.clone(),
+        room: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
+    };
+    let task = tokio::spawn(server.serve(sub, stop.clone()));
+    Ok(Some(Commands { stop, writes, task }))
 }
 
-async fn serve(mut sub: Subscription, routes: HashMap<String, Route>, bus: Bus, devices: Devices) {
-    while let Some(msg) = sub.recv().await {
-        let Some(route) = routes.get(&msg.topic) else {
-            continue;
-        };
-        // One write at a time per command topic would serialise slow
-        // devices; each write gets its own task, the driver orders them.
-        let devices = devices.clone();
-        let bus = bus.clone();
-        let (device, point, ty, result_topic) = (
-            route.device.clone(),
-            route.point.clone(),
-            route.ty,
-            route.result_topic.clone(),
-        );
-        tokio::spawn(async move {
-            let value = parse_payload(&msg.payload).and_then(|v| match ty {
-                Some(ty) => coerce(v, ty),
-                None => Ok(v),
+struct Server {
+    routes: HashMap<String, Route>,
+    bus: Bus,
+    devices: Devices,
+    writes: TaskTracker,
+    room: Arc<Semaphore>,
+}
+
+impl Server {
+    async fn serve(self, mut sub: Subscription, stop: CancellationToken) {
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                msg = sub.recv() => match msg {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let Some(route) = self.routes.get(&msg.topic) else {
+                continue;
+            };
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                permit = self.room.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    // Never closed: the server owns the semaphore.
+                    Err(_) => break,
+                },
+            };
+            let write = write(
+                self.devices.clone(),
+                self.bus.clone(),
+                route.clone(),
+                msg.payload,
+            );
+            self.writes.spawn(async move {
+                write.await;
+                drop(permit);
             });
-            let result = match value {
-                Ok(v) => devices.write(&device, &point, v).await,
-                Err(e) => Err(e.into()),
-            };
-            let payload = match &result {
-                Ok(()) => serde_json::json!({"ok": true, "device": device, "point": point}),
-                Err(e) => {
-                    tracing::warn!(%device, %point, error = %e, "command failed");
-                    serde_json::json!({"ok": false, "device": device, "point": point, "error": e.to_string()})
-                }
-            };
-            bus.publish(Message::new(result_topic, payload.to_string()))
-                .await;
-        });
+        }
+        self.writes.close();
     }
+}
+
+/// Carries out one command and publishes its result.
+async fn write(devices: Devices, bus: Bus, route: Route, payload: bytes::Bytes) {
+    let Route {
+        device,
+        point,
+        ty,
+        result_topic,
+    } = route;
+    let value = parse_payload(&payload).and_then(|v| match ty {
+        Some(ty) => coerce(v, ty),
+        None => Ok(v),
+    });
+    let result = match value {
+        Ok(v) => devices.write(&device, &point, v).await,
+        Err(e) => Err(e.into()),
+    };
+    let payload = match &result {
+        Ok(()) => serde_json::json!({"ok": true, "device": device, "point": point}),
+        Err(e) => {
+            tracing::warn!(%device, %point, error = %e, "command failed");
+            serde_json::json!({"ok": false, "device": device, "point": point, "error": e.to_string()})
+        }
+    };
+    bus.publish(Message::new(result_topic, payload.to_string()))
+        .await;
 }
 
 #[cfg(test)]
