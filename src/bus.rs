@@ -1,6 +1,36 @@
 //! The local MQTT bus. Everything the gateway publishes or listens to goes
 //! through it: the embedded broker through in-process links (no TCP), or an
 //! external broker through rumqttc when `broker.enabled: false`.
+//!
+//! # The gateway's OS threads, and why each exists
+//! Everything that waits on the network, a serial port or a timer is a
+//! tokio task; a thread of its own is only for work that would hold up
+//! the tasks sharing a worker. `edgebridge run` has:
+//!
+//! - **tokio's workers** (`edgebridge`, one per core; `cli::run`): every
+//!   task: the embedded broker (rmqtt starts no threads, its listeners,
+//!   sessions and router are tasks), the drivers, the pipeline, the
+//!   `commands:` writes, the bridges (their queues' SQLite calls take tens
+//!   of microseconds: see `bridge/queue/mod.rs`), this bus's links and the
+//!   metrics endpoint.
+//! - **tokio's blocking pool** (threads made on demand, gone after 10 s
+//!   idle): [`crate::ops::blocking`] for file system work that may take
+//!   long — opening, checking and salvaging a queue's SQLite file and
+//!   reading a bridge's inbox segments (`bridge::open`,
+//!   `Queue::open_async`, `Inbox::open_async`); and the DNS lookups of
+//!   rumqttc's connections (tokio resolves with `getaddrinfo` there).
+//! - **the rules thread** (`rules`; `pipeline/rules/worker.rs`): rhai is
+//!   synchronous and a rule may run up to its `rules.deadline`, and a
+//!   rule's `write()` waits for the device; on a worker that would stall
+//!   every task behind it. It has a large stack for rhai's recursion.
+//! - **the password-check threads** (`edgebridge-auth-0`, `-1`;
+//!   `access/pool.rs`): an argon2 check is ~10 ms of CPU and 8–19 MiB of
+//!   memory; two long-lived threads bound both (tokio's blocking pool
+//!   would grow to hundreds of threads and arenas under a login flood).
+//!
+//! The command-line tools add their own: `edgebridge rules test` runs the
+//! fixtures on a `rules-test` thread (the rules' stack size), and
+//! `edgebridge read` runs on a current-thread runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
