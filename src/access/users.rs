@@ -352,9 +352,9 @@ impl Users {
         }
     }
 
-    /// [`Users::authenticate`] for a caller that only knows yes or no
-    /// (today's rumqttd auth handler): busy is no.
-    pub async fn check(&self, username: String, password: String) -> bool {
+    /// [`Users::authenticate`] as yes or no: busy is no.
+    #[cfg(test)]
+    async fn check(&self, username: String, password: String) -> bool {
         self.authenticate(None, &username, password.as_bytes())
             .await
             == Login::Accepted

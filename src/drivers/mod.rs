@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DeviceConfig, DriverKind};
+use crate::config::{DeviceConfig, DriverKind};
 use crate::model::{Command, CommandResult, ReadingBatch, Value, WriteError};
 use crate::status::Status;
 
@@ -115,11 +115,6 @@ impl Devices {
             None => map.remove(device),
         };
     }
-}
-
-/// Starts a task for every configured device.
-pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, DriverError> {
-    spawn_devices(&config.devices, ctx).map(Devices::new)
 }
 
 /// Starts the driver tasks for `devices` (one task per device, or per

@@ -329,12 +329,14 @@ impl Inbox {
     }
 
     /// The sequence number of the last record written.
-    pub fn last(&self) -> u64 {
+    #[cfg(test)]
+    fn last(&self) -> u64 {
         self.lock().seq
     }
 
     /// Segment files on disk (each takes a whole segment).
-    pub fn segments(&self) -> usize {
+    #[cfg(test)]
+    fn segments(&self) -> usize {
         let st = self.lock();
         st.closed.len() + usize::from(st.map.is_some())
     }
