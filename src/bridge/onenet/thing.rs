@@ -305,31 +305,10 @@ mod tests {
         let mut batch = Batch::new();
         batch.insert(
             "power".into(),
-            vec![
-                Sample {
-                    value: json!(1.5),
-                    time: 1000,
-                },
-                Sample {
-                    value: json!(2.5),
-                    time: 1500,
-                },
-            ],
+            vec![Sample::new(json!(1.5), 1000), Sample::new(json!(2.5), 1500)],
         );
-        batch.insert(
-            "on".into(),
-            vec![Sample {
-                value: json!(true),
-                time: 1200,
-            }],
-        );
-        batch.insert(
-            "cfg".into(),
-            vec![Sample {
-                value: json!({"a":1}),
-                time: 1300,
-            }],
-        );
+        batch.insert("on".into(), vec![Sample::new(json!(true), 1200)]);
+        batch.insert("cfg".into(), vec![Sample::new(json!({"a":1}), 1300)]);
         let post = PropertyPost::from_batch("7".into(), &batch).unwrap();
         let got: Json = serde_json::from_slice(&post.to_bytes()).unwrap();
         assert_eq!(
@@ -372,13 +351,7 @@ mod tests {
     fn history_posts_merge_queued_posts_with_their_times() {
         let post = |id: &str, v: i64, t: i64| {
             let mut b = Batch::new();
-            b.insert(
-                "p".into(),
-                vec![Sample {
-                    value: json!(v),
-                    time: t,
-                }],
-            );
+            b.insert("p".into(), vec![Sample::new(json!(v), t)]);
             PropertyPost::from_batch(id.into(), &b).unwrap()
         };
         let (payload, names) = history_post("9", &[post("1", 10, 1000), post("2", 20, 2000)]);
