@@ -174,6 +174,18 @@ impl Reply {
     }
 }
 
+/// A platform request's JSON and its `id` (a string or a number).
+fn request(payload: &[u8]) -> Result<(Json, String), (Option<String>, String)> {
+    let json: Json =
+        serde_json::from_slice(payload).map_err(|e| (None, format!("not JSON: {e}")))?;
+    let id = match json.get("id") {
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Number(n)) => n.to_string(),
+        _ => return Err((None, "no `id`".to_string())),
+    };
+    Ok((json, id))
+}
+
 /// A `thing/property/set` request: property -> value to set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PropertySet {
@@ -185,13 +197,7 @@ impl PropertySet {
     /// Parses a request. An error carries the id when it could be read, so
     /// that a reply can still be sent.
     pub fn parse(payload: &[u8]) -> Result<PropertySet, (Option<String>, String)> {
-        let json: Json =
-            serde_json::from_slice(payload).map_err(|e| (None, format!("not JSON: {e}")))?;
-        let id = match json.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => return Err((None, "no `id`".to_string())),
-        };
+        let (json, id) = request(payload)?;
         let Some(Json::Object(params)) = json.get("params") else {
             return Err((Some(id), "`params` is not an object".to_string()));
         };
@@ -249,13 +255,7 @@ pub struct PropertyGet {
 
 impl PropertyGet {
     pub fn parse(payload: &[u8]) -> Result<PropertyGet, (Option<String>, String)> {
-        let json: Json =
-            serde_json::from_slice(payload).map_err(|e| (None, format!("not JSON: {e}")))?;
-        let id = match json.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => return Err((None, "no `id`".to_string())),
-        };
+        let (json, id) = request(payload)?;
         let params = match json.get("params") {
             None | Some(Json::Null) => Vec::new(),
             Some(Json::Array(a)) => a
