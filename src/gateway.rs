@@ -49,7 +49,7 @@ pub struct Gateway {
     /// Shared with the pipeline; a reload replaces the set inside.
     mappings: Mappings,
     /// The `commands:` subscription; a reload that changes it restarts it.
-    commands: Option<JoinHandle<()>>,
+    commands: Option<pipeline::commands::Commands>,
     status: Status,
     shutdown: CancellationToken,
     pipeline: JoinHandle<()>,

@@ -14,5 +14,5 @@ pub mod onenet;
 pub mod queue;
 mod task;
 
-pub use local::{check_files, start, start_all, BusLink, RunningBridge, StartError};
+pub use local::{check_files, open, start, start_all, BusLink, RunningBridge, StartError};
 pub use task::{status_topic, Bridge, BridgeError, BridgeSpec, BridgeStatus, LocalLink};

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 pub use bridges::*;
 pub use devices::*;
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{write_lines, ConfigError, ConfigErrors};
 pub use source::{substitute_env, Locator, UnsetVar};
 pub use validate::{is_valid_name, Problem, Problems};
 pub use values::{ByteSize, QosLevel, Secret};

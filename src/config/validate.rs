@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::*;
+use crate::pipeline::mapping::{Field, Template};
 
 /// One validation problem; `path` is like `devices[1].points[0].name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,11 +89,8 @@ fn broker(config: &Config, p: &mut Problems) {
         );
     }
     if let Some(url) = &b.external {
-        if !(url.starts_with("mqtt://") || url.starts_with("tcp://")) {
-            p.add(
-                "broker.external",
-                "must be a URL like mqtt://127.0.0.1:1883",
-            );
+        if let Err(e) = crate::bridge::mqtt::Endpoint::parse_plain(url) {
+            p.add("broker.external", e.to_string());
         }
     }
     let mut seen = HashSet::new();
@@ -259,42 +257,17 @@ fn mappings(config: &Config, p: &mut Problems) {
                 }
             }
         }
-        if let Err(e) = check_template(&m.topic, &["device", "point", "gateway"]) {
-            p.add(at("topic"), e);
+        if let Err(e) = Template::parse(&m.topic, Field::TOPIC) {
+            p.add(at("topic"), e.to_string());
         } else if m.topic.contains(['+', '#']) {
             p.add(at("topic"), "a topic to publish cannot contain `+` or `#`");
         }
         if let PayloadFormat::Template(t) = &m.payload {
-            if let Err(e) =
-                check_template(t, &["value", "unit", "ts", "device", "point", "gateway"])
-            {
-                p.add(at("payload"), e);
+            if let Err(e) = Template::parse(t, Field::PAYLOAD) {
+                p.add(at("payload"), e.to_string());
             }
         }
     }
-}
-
-/// A template's `{name}` placeholders must be among `allowed`.
-pub fn check_template(t: &str, allowed: &[&str]) -> Result<(), String> {
-    let mut rest = t;
-    while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else {
-            return Err(format!("unclosed `{{` in `{t}`"));
-        };
-        let name = &rest[open + 1..open + close];
-        if !allowed.contains(&name) {
-            return Err(format!(
-                "unknown placeholder `{{{name}}}`; use {}",
-                allowed
-                    .iter()
-                    .map(|a| format!("{{{a}}}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ));
-        }
-        rest = &rest[open + close + 1..];
-    }
-    Ok(())
 }
 
 /// The longest `rules.deadline` accepted: a rule that needs more is a
@@ -354,15 +327,12 @@ fn bridges(config: &Config, p: &mut Problems) {
             p.add(at("name"), format!("duplicate bridge name `{}`", b.name));
         }
         if b.onenet.is_none() {
-            match &b.url {
-                None => p.add(
+            // `bridge_connection` checks the URL itself.
+            if b.url.is_none() {
+                p.add(
                     format!("bridges[{i}]"),
                     "a bridge needs `url` (or `onenet:`)",
-                ),
-                Some(u) if !(u.starts_with("mqtt://") || u.starts_with("mqtts://")) => {
-                    p.add(at("url"), "must start with mqtt:// or mqtts://")
-                }
-                Some(_) => {}
+                );
             }
             if !b.properties.is_empty() {
                 p.add(

@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DeviceConfig, DriverKind};
-use crate::model::{Command, CommandResult, ReadingBatch, Value};
+use crate::config::{DeviceConfig, DriverKind};
+use crate::model::{Command, CommandResult, ReadingBatch, Value, WriteError};
 use crate::status::{Event, Status};
 
 /// Commands waiting for one device's driver.
@@ -144,7 +144,7 @@ impl Devices {
             .get(device)
             .cloned();
         let Some(tx) = tx else {
-            return Err(format!("no device named `{device}`"));
+            return Err(WriteError::NoSuchDevice(device.to_string()));
         };
         let (reply, answer) = oneshot::channel();
         let cmd = Command {
@@ -155,14 +155,14 @@ impl Devices {
         };
         tx.send(cmd)
             .await
-            .map_err(|_| format!("device `{device}` is not running"))?;
+            .map_err(|_| WriteError::NotRunning(device.to_string()))?;
         match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(format!("device `{device}` dropped the command")),
-            Err(_) => Err(format!(
-                "device `{device}` did not answer within {}s",
-                COMMAND_TIMEOUT.as_secs()
-            )),
+            Ok(Err(_)) => Err(WriteError::Dropped(device.to_string())),
+            Err(_) => Err(WriteError::Timeout {
+                device: device.to_string(),
+                after: COMMAND_TIMEOUT,
+            }),
         }
     }
 }
@@ -182,11 +182,6 @@ impl Devices {
             None => map.remove(device),
         };
     }
-}
-
-/// Starts a task for every configured device.
-pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, DriverError> {
-    spawn_devices(&config.devices, ctx).map(Devices::new)
 }
 
 /// Starts the driver tasks for `devices` (one task per device, or per

@@ -99,11 +99,6 @@ pub fn check(i: usize, b: &BridgeConfig, o: &OneNetConfig, p: &mut Problems) {
             "a OneNET bridge writes every post before sending it; remove `write_behind`",
         );
     }
-    if let Some(u) = &b.url {
-        if !(u.starts_with("mqtt://") || u.starts_with("mqtts://")) {
-            p.add(at("url"), "must start with mqtt:// or mqtts://");
-        }
-    }
     for (key, present) in [
         ("client_id", b.client_id.is_some()),
         ("username", b.username.is_some()),

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::drivers::{reply, Events};
-use crate::model::{Command, ReadingBatch};
+use crate::model::{Command, ReadingBatch, WriteError};
 use crate::ops::metrics::{self, PollOutcome};
 
 use super::device::{Device, Transition, MAX_BACKOFF};
@@ -199,7 +199,7 @@ impl FieldBus {
                 cmd = self.io.commands.recv(), if *commands_open => match cmd {
                     Some(cmd) => {
                         let why = self.down.clone().unwrap_or_else(|| "not connected".into());
-                        reply(cmd, Err(format!("device unreachable: {why}")));
+                        reply(cmd, Err(WriteError::Unreachable(why)));
                     }
                     None => *commands_open = false,
                 },
@@ -271,7 +271,7 @@ impl FieldBus {
 
     async fn write(&mut self, cmd: Command) {
         let Some(idx) = self.devices.iter().position(|d| *d.name == *cmd.device) else {
-            let why = format!("no device named `{}` on this bus", cmd.device);
+            let why = WriteError::NotOnBus(cmd.device.clone());
             reply(cmd, Err(why));
             return;
         };

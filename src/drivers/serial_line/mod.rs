@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 use crate::config::{DeviceConfig, LineSettings};
 use crate::drivers::modbus::transport::open_serial;
 use crate::drivers::{reply, DriverContext};
-use crate::model::{now_ms, Command, Quality, Reading, ReadingBatch, Value};
+use crate::model::{now_ms, Command, Quality, Reading, ReadingBatch, Value, WriteError};
 
 use codec::{LineFramer, DEFAULT_DELIMITER, DEFAULT_MAX_LINE};
 
@@ -223,6 +223,5 @@ impl SerialLine {
 }
 
 fn reject(cmd: Command, device: &str) {
-    let why = format!("device `{device}` is a serial-line device and cannot be written");
-    reply(cmd, Err(why));
+    reply(cmd, Err(WriteError::ReadOnlyDriver(device.to_string())));
 }

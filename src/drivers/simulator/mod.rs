@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{reply, DriverContext};
 use crate::config::{DataType, DeviceConfig, PointConfig, Wave};
-use crate::model::{now_ms, Command, Quality, Reading, Value};
+use crate::model::{now_ms, Command, CommandResult, Quality, Reading, Value, WriteError};
 use crate::ops::metrics::{self, PollOutcome};
 
 /// The value of a wave at `t` seconds into the run.
@@ -112,15 +112,18 @@ fn write(
     dev: &DeviceConfig,
     overrides: &mut HashMap<String, Value>,
     cmd: &Command,
-) -> Result<(), String> {
+) -> CommandResult {
     let Some(p) = dev.point(&cmd.point) else {
-        return Err(format!(
-            "device `{}` has no point `{}`",
-            dev.name, cmd.point
-        ));
+        return Err(WriteError::NoSuchPoint {
+            device: dev.name.clone(),
+            point: cmd.point.clone(),
+        });
     };
     if !p.writable {
-        return Err(format!("point `{}/{}` is read-only", dev.name, p.name));
+        return Err(WriteError::ReadOnly {
+            device: dev.name.clone(),
+            point: p.name.clone(),
+        });
     }
     overrides.insert(p.name.clone(), cmd.value.clone());
     tracing::info!(device = %dev.name, point = %p.name, value = %cmd.value, "simulator point written");
