@@ -382,7 +382,7 @@ mod tests {
                 "c.yaml:3:41: devices[0].port: `port` applies to modbus-rtu and serial-line devices only, not `simulator`",
             ),
             (
-                tcp_point("{ name: p, table: holding, address: 0 }, baud: 9600"),
+                format!("  - {{ name: a, driver: modbus-tcp, address: \"h:502\", baud: 9600, {POINT} }}\n"),
                 "`baud` applies to modbus-rtu and serial-line devices only, not `modbus-tcp`",
             ),
             (
