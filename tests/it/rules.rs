@@ -644,6 +644,64 @@ async fn a_serial_line_device_added_by_a_reload_reaches_on_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_converts_to_the_point_type_of_the_reloaded_config() {
+    // `p` is untyped at start (a write passes its value as is) and a
+    // `bool` after the reload: the rule's `write(…, 1)` must then become
+    // `true`, as the new config says, not stay the number 1.
+    let (_dir, rules) = site(&[(
+        "w.rhai",
+        r#"
+        const SUBSCRIBE = ["set"];
+        fn on_message(topic, payload) {
+            let r = write("sim", "p", 1);
+            publish("set/result", `${r.ok} ${r.error}`);
+        }
+        "#,
+    )]);
+    let config = |point: &str| {
+        support::yaml_with_broker(&format!(
+            "devices:\n  - {{ name: sim, driver: simulator, poll: 100ms, points: [{point}] }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}' }}\nrules: {{ dir: {}, deadline: 1s }}\n",
+            rules.display()
+        ))
+    };
+    let mut gw = support::start(&config(
+        "{ name: p, wave: constant, min: 0, writable: true }",
+    ))
+    .await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-write-type",
+        &["devices/sim/p", "set/result"],
+    )
+    .await;
+    let report = gw
+        .reload(support::config(&config(
+            "{ name: p, wave: constant, min: 0, type: bool, writable: true }",
+        )))
+        .await
+        .expect("reload applies");
+    assert_eq!(report.devices.restarted, ["sim"]);
+    gw.reload_rules()
+        .await
+        .expect("rules configured")
+        .expect("rules reload");
+    c.client
+        .publish("set", rumqttc::QoS::AtLeastOnce, false, "go")
+        .await
+        .unwrap();
+    assert_eq!(c.expect("set/result", WAIT).await.payload, "true ");
+    let written = c
+        .expect_where(WAIT, |g| g.topic == "devices/sim/p" && g.payload == "true")
+        .await;
+    // Written as the old (untyped) point, the value would read `1`.
+    assert!(
+        written.is_some(),
+        "the point never read `true` after the write"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cmd_led_switches_a_coil_on_a_modbus_rtu_device() {
     use crate::support::modbus_sim::{RtuBus, Sim};
     let dir = tempfile::tempdir().unwrap();
