@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{self, Bridge, BridgeSpec, RunningBridge, StartError};
+use crate::bridge::{self, BridgeSpec, RunningBridge, StartError};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bus::{self, Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
@@ -280,7 +280,7 @@ impl Gateway {
         self.bridges = keep;
         for spec in specs {
             let name = spec.name.clone();
-            let started = match Bridge::open(spec) {
+            let started = match bridge::open(spec).await {
                 Ok(bridge) => {
                     bridge::start(bridge, &self.bus, self.bridge_shutdown.child_token()).await
                 }
@@ -416,8 +416,12 @@ impl Gateway {
 
     /// Stops the drivers, lets in-flight readings drain, publishes
     /// `offline`, and closes the listeners; bounded to about a second.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
+        // No new commands; the writes under way finish and report.
+        if let Some(c) = self.commands.take() {
+            c.stop(Duration::from_millis(500)).await;
+        }
         // Also drops the last readings sender, so the pipeline can end.
         if !self.units.stop(Duration::from_millis(800)).await {
             tracing::warn!("some devices did not stop within 800ms");

@@ -17,7 +17,7 @@
 //! A thread and not a task because rule calls are synchronous CPU work of
 //! up to the deadline each, and `write()` blocks on a device.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ pub const RULES_QUEUE: usize = 256;
 /// Reading batches waiting behind the one being taken from which it skips
 /// the rules (see the overload policy in [`crate::pipeline`]).
 pub const SHED_RULES_AT: usize = 256;
-/// Rule messages remembered to recognise their echo (see [`Echoes`]).
+/// Rule messages remembered to recognise their echo (see [`RuleEchoes`]).
 const ECHO_LIMIT: usize = 1024;
 const ECHO_TTL: Duration = Duration::from_secs(10);
 /// How often the counters go to `edgebridge/<id>/rules` (when changed).
@@ -180,9 +180,9 @@ impl RulesRuntime {
         let stopping = Arc::new(AtomicBool::new(false));
         let bypassed = Arc::new(AtomicU64::new(0));
         let worker = Worker {
-            echoes: Echoes {
+            echoes: RuleEchoes {
                 filters: filters.clone(),
-                pending: VecDeque::new(),
+                guard: crate::topic::Echoes::new(ECHO_TTL, ECHO_LIMIT),
             },
             stopping: stopping.clone(),
             bypassed: bypassed.clone(),
@@ -387,46 +387,26 @@ async fn report_stats(runtime: std::sync::Weak<RulesRuntime>, status: Status) {
 /// answers on `cmd/x/result` while subscribed to `cmd/#` cannot feed
 /// itself forever. Messages from anybody else, mappings included, do reach
 /// `on_message`.
-struct Echoes {
+struct RuleEchoes {
+    /// The rules' `SUBSCRIBE` filters: only what they match can come back.
     filters: Vec<String>,
-    pending: VecDeque<(Instant, String, bytes::Bytes)>,
+    guard: crate::topic::Echoes,
 }
 
-impl Echoes {
+impl RuleEchoes {
     fn note(&mut self, m: &Message) {
         if self.filters.iter().any(|f| filter_matches(f, &m.topic)) {
-            if self.pending.len() >= ECHO_LIMIT {
-                self.pending.pop_front();
-            }
-            self.pending
-                .push_back((Instant::now(), m.topic.clone(), m.payload.clone()));
+            self.guard.expect(&m.topic, &m.payload, Instant::now());
         }
     }
 
     fn is_echo(&mut self, m: &Message) -> bool {
-        while self
-            .pending
-            .front()
-            .is_some_and(|(t, ..)| t.elapsed() > ECHO_TTL)
-        {
-            self.pending.pop_front();
-        }
-        match self
-            .pending
-            .iter()
-            .position(|(_, topic, payload)| *topic == m.topic && *payload == m.payload)
-        {
-            Some(i) => {
-                self.pending.remove(i);
-                true
-            }
-            None => false,
-        }
+        self.guard.is_echo(&m.topic, &m.payload, Instant::now())
     }
 }
 
 struct Worker {
-    echoes: Echoes,
+    echoes: RuleEchoes,
     stopping: Arc<AtomicBool>,
     /// Readings that skipped the rules, and when that was last logged.
     bypassed: Arc<AtomicU64>,
