@@ -1,6 +1,36 @@
 //! The local MQTT bus. Everything the gateway publishes or listens to goes
 //! through it: the embedded broker through in-process links (no TCP), or an
 //! external broker through rumqttc when `broker.enabled: false`.
+//!
+//! # The gateway's OS threads, and why each exists
+//! Everything that waits on the network, a serial port or a timer is a
+//! tokio task; a thread of its own is only for work that would hold up
+//! the tasks sharing a worker. `edgebridge run` has:
+//!
+//! - **tokio's workers** (`edgebridge`, one per core; `cli::run`): every
+//!   task: the embedded broker (rmqtt starts no threads, its listeners,
+//!   sessions and router are tasks), the drivers, the pipeline, the
+//!   `commands:` writes, the bridges (their queues' SQLite calls take tens
+//!   of microseconds: see `bridge/queue/mod.rs`), this bus's links and the
+//!   metrics endpoint.
+//! - **tokio's blocking pool** (threads made on demand, gone after 10 s
+//!   idle): [`crate::ops::blocking`] for file system work that may take
+//!   long — opening, checking and salvaging a queue's SQLite file and
+//!   reading a bridge's inbox segments (`bridge::open`,
+//!   `Queue::open_async`, `Inbox::open_async`); and the DNS lookups of
+//!   rumqttc's connections (tokio resolves with `getaddrinfo` there).
+//! - **the rules thread** (`rules`; `pipeline/rules/worker.rs`): rhai is
+//!   synchronous and a rule may run up to its `rules.deadline`, and a
+//!   rule's `write()` waits for the device; on a worker that would stall
+//!   every task behind it. It has a large stack for rhai's recursion.
+//! - **the password-check threads** (`edgebridge-auth-0`, `-1`;
+//!   `access/pool.rs`): an argon2 check is ~10 ms of CPU and 8–19 MiB of
+//!   memory; two long-lived threads bound both (tokio's blocking pool
+//!   would grow to hundreds of threads and arenas under a login flood).
+//!
+//! The command-line tools add their own: `edgebridge rules test` runs the
+//! fixtures on a `rules-test` thread (the rules' stack size), and
+//! `edgebridge read` runs on a current-thread runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,7 +107,7 @@ impl Bus {
         let client_id = format!("edgebridge-{}", config.gateway.id);
         let ext = external::External::new(&url, &client_id, credentials)?;
         let (publish_tx, rx) = mpsc::channel::<Message>(PUBLISH_QUEUE);
-        let publisher = external::publisher(config, &ext, will, rx, publish_tx.downgrade())?;
+        let publisher = external::publisher(config, &ext, will, rx, publish_tx.downgrade()).await?;
         Ok(Bus {
             publish_tx: Some(publish_tx),
             direct: None,
@@ -88,7 +118,8 @@ impl Bus {
     /// Stops the external broker's publisher once it has queued what it
     /// was given (nothing to do on the embedded broker).
     pub async fn close(&self) {
-        if let Backend::External(_, publisher) = &self.backend {
+        if let Backend::External(ext, publisher) = &self.backend {
+            ext.close();
             publisher.close().await;
         }
     }
@@ -321,7 +352,7 @@ pub mod external {
     use super::*;
     use crate::bridge::mqtt::{Endpoint, RemoteOptions, Will};
     use crate::bridge::queue::QueueLimits;
-    use crate::bridge::{status_topic, Bridge, BridgeSpec, LocalLink};
+    use crate::bridge::{status_topic, BridgeSpec, LocalLink};
     use crate::config::{QueueConfig, ReconnectConfig, TopicRoute};
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet as CPacket, QoS};
     use tokio_util::sync::CancellationToken;
@@ -335,11 +366,12 @@ pub mod external {
 
     #[derive(Clone)]
     pub struct External {
-        url: String,
-        host: String,
-        port: u16,
+        endpoint: Endpoint,
         prefix: String,
         credentials: Option<(String, String)>,
+        /// Cancelled by [`Bus::close`]: stops every subscriber's
+        /// connection task.
+        stop: CancellationToken,
     }
 
     /// The running publisher (a bridge task).
@@ -395,17 +427,16 @@ pub mod external {
 
     /// Starts the bridge that carries everything the gateway publishes to
     /// the external broker, with the gateway's last will.
-    pub fn publisher(
+    pub async fn publisher(
         config: &crate::config::Config,
         ext: &External,
         will: Message,
         rx: mpsc::Receiver<Message>,
         bus: mpsc::WeakSender<Message>,
     ) -> Result<Publisher, BusError> {
-        let endpoint = Endpoint::parse(&ext.url).map_err(|e| BusError::External(e.to_string()))?;
         let remote = RemoteOptions {
             protocol: crate::config::MqttProtocol::default(),
-            endpoint,
+            endpoint: ext.endpoint.clone(),
             client_id: format!("{}-gateway", ext.prefix),
             username: ext.credentials.as_ref().map(|(u, _)| u.clone()),
             password: ext
@@ -445,7 +476,9 @@ pub mod external {
             keep_message_qos: true,
             strict: false,
         };
-        let bridge = Bridge::open(spec).map_err(|e| BusError::External(e.to_string()))?;
+        let bridge = crate::bridge::open(spec)
+            .await
+            .map_err(|e| BusError::External(e.to_string()))?;
         let status = bridge.status();
         crate::ops::metrics::watch_bridge(NAME, status.clone());
         let stop = CancellationToken::new();
@@ -471,29 +504,27 @@ pub mod external {
             client_id: &str,
             credentials: Option<(String, String)>,
         ) -> Result<External, BusError> {
-            let rest = url
-                .strip_prefix("mqtt://")
-                .or_else(|| url.strip_prefix("tcp://"))
-                .ok_or_else(|| BusError::External(format!("unsupported URL `{url}`")))?;
-            let (host, port) = match rest.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse()
-                        .map_err(|_| BusError::External(format!("bad port in `{url}`")))?,
-                ),
-                None => (rest.to_string(), 1883),
-            };
+            let endpoint =
+                Endpoint::parse_plain(url).map_err(|e| BusError::External(e.to_string()))?;
             Ok(External {
-                url: format!("mqtt://{host}:{port}"),
-                host,
-                port,
+                endpoint,
                 prefix: client_id.to_string(),
                 credentials,
+                stop: CancellationToken::new(),
             })
         }
 
+        /// Stops every subscriber's connection task.
+        pub fn close(&self) {
+            self.stop.cancel();
+        }
+
         fn options(&self, id: &str) -> MqttOptions {
-            let mut o = MqttOptions::new(format!("{}-{id}", self.prefix), &self.host, self.port);
+            let mut o = MqttOptions::new(
+                format!("{}-{id}", self.prefix),
+                &self.endpoint.host,
+                self.endpoint.port,
+            );
             o.set_keep_alive(Duration::from_secs(30));
             o.set_max_packet_size(1 << 20, 1 << 20);
             if let Some((u, p)) = &self.credentials {
@@ -511,47 +542,60 @@ pub mod external {
             let (tx, rx) = mpsc::channel(1024);
             spawn_loop(
                 eventloop,
-                Some((client.clone(), tx)),
+                client.clone(),
+                tx,
                 filters.iter().map(|(f, q)| (f.clone(), qos(*q))).collect(),
+                self.stop.child_token(),
             );
             Ok((client, rx))
         }
     }
 
+    /// One subscriber's connection: (re)subscribes on every connect and
+    /// hands what arrives to the subscription. Ends when the subscription
+    /// is dropped or the bus is closed (`stop`).
     fn spawn_loop(
         mut eventloop: rumqttc::EventLoop,
-        sink: Option<(AsyncClient, mpsc::Sender<Message>)>,
+        client: AsyncClient,
+        tx: mpsc::Sender<Message>,
         filters: Vec<(String, QoS)>,
+        stop: CancellationToken,
     ) {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match eventloop.poll().await {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tx.closed() => break,
+                    event = eventloop.poll() => event,
+                };
+                match event {
                     Ok(Event::Incoming(CPacket::ConnAck(_))) => {
                         backoff = Duration::from_millis(100);
-                        if let Some((client, _)) = &sink {
-                            for (f, q) in &filters {
-                                let _ = client.subscribe(f.clone(), *q).await;
-                            }
+                        for (f, q) in &filters {
+                            let _ = client.subscribe(f.clone(), *q).await;
                         }
                     }
                     Ok(Event::Incoming(CPacket::Publish(p))) => {
-                        if let Some((_, tx)) = &sink {
-                            let msg = Message {
-                                topic: p.topic.clone(),
-                                payload: p.payload.clone(),
-                                qos: Qos::from_u8(p.qos as u8).unwrap_or_default(),
-                                retain: p.retain,
-                            };
-                            if tx.send(msg).await.is_err() {
-                                return;
-                            }
+                        let msg = Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            qos: Qos::from_u8(p.qos as u8).unwrap_or_default(),
+                            retain: p.retain,
+                        };
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            sent = tx.send(msg) => if sent.is_err() { break },
                         }
                     }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "external broker connection");
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tx.closed() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
                         backoff = (backoff * 2).min(RECONNECT_MAX);
                     }
                 }

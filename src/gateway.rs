@@ -10,17 +10,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{self, Bridge, BridgeSpec, RunningBridge, StartError};
+use crate::bridge::{self, BridgeSpec, RunningBridge, StartError};
 use crate::broker::{BrokerError, EmbeddedBroker};
-use crate::bus::{Bus, BusError};
+use crate::bus::{self, Bus, BusError};
 use crate::config::{Config, ListenerProtocol};
 use crate::drivers::units::DriverUnits;
-use crate::drivers::{Devices, DriverContext, DriverError};
+use crate::drivers::{Devices, DriverContext, DriverError, Events};
 use crate::model::Message;
 use crate::ops::health::{BridgeHealth, HealthProbe, Summary};
 use crate::ops::reload::{self, Changes, ConfigReload};
 use crate::pipeline::rules::{ReloadReport, RuleError, RuleErrors, Rules, RulesRuntime};
-use crate::pipeline::{self, mapping::Mappings};
+use crate::pipeline::{self, mapping::Mappings, Pipeline};
 use crate::status::Status;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ pub struct Gateway {
     /// Shared with the pipeline; a reload replaces the set inside.
     mappings: Mappings,
     /// The `commands:` subscription; a reload that changes it restarts it.
-    commands: Option<JoinHandle<()>>,
+    commands: Option<pipeline::commands::Commands>,
     status: Status,
     shutdown: CancellationToken,
     pipeline: JoinHandle<()>,
@@ -59,6 +59,10 @@ pub struct Gateway {
     /// Bridges stop after the pipeline drained, so its last messages are
     /// queued.
     bridge_shutdown: CancellationToken,
+    /// The tasks reporting each bridge's status changes (they end with
+    /// their bridge).
+    bridge_reports: Vec<JoinHandle<()>>,
+    external_report: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -78,13 +82,23 @@ impl Gateway {
             let bus = Bus::external(&config, will).await?;
             (None, bus)
         };
-        let status = Status::new(&id, bus.clone());
+        let status = Status::start(&id, bus.clone());
         status.gateway(true).await;
+        status.sync().await;
         let probe = HealthProbe::new(&bus, &id).await?;
 
         // Bridges subscribe before any driver runs, so no reading is missed.
         let bridge_shutdown = CancellationToken::new();
         let bridges = bridge::start_all(&config, &bus, &bridge_shutdown).await?;
+        let bridge_reports = bridges
+            .iter()
+            .map(|b| status.follow_bridge(&b.name, b.status.clone()))
+            .collect();
+        // With an external broker, its publisher is a bridge too (it stops
+        // with the bus, after the status task's last words).
+        let external_report = bus
+            .external_status()
+            .map(|s| status.follow_bridge(bus::external::NAME, s));
         // Only now do LAN clients get in: whatever they publish first (a
         // session's queued messages after a restart) reaches the bridges.
         if let Some(b) = &broker {
@@ -100,8 +114,7 @@ impl Gateway {
         // the rules thread at once.
         let mappings = Mappings::new(&config.mappings, &id);
         let ctx = DriverContext {
-            readings: readings_tx,
-            status: status.clone(),
+            events: Events::new(readings_tx, status.clone()),
             shutdown: shutdown.child_token(),
             tasks: TaskTracker::new(),
         };
@@ -115,12 +128,16 @@ impl Gateway {
                 return Err(e.into());
             }
         };
-        let rules = match rules {
-            Some(r) => Some(
-                RulesRuntime::start(
+        // One path for every reading: the rules thread runs it when there
+        // are rules, a task when there are none.
+        let path = Pipeline::new(Arc::new(mappings.clone()), bus.clone());
+        let (rules, pipeline) = match rules {
+            Some(r) => {
+                let (runtime, ended) = RulesRuntime::start(
                     r,
                     &config,
-                    Arc::new(mappings.clone()),
+                    path,
+                    readings_rx,
                     bus.clone(),
                     units.devices().clone(),
                     status.clone(),
@@ -130,16 +147,11 @@ impl Gateway {
                     shutdown.cancel();
                     bridge_shutdown.cancel();
                     GatewayError::RulesThread(e)
-                })?,
-            ),
-            None => None,
+                })?;
+                (Some(runtime), ended)
+            }
+            None => (None, pipeline::spawn(readings_rx, path)),
         };
-        let pipeline = tokio::spawn(pipeline::run(
-            readings_rx,
-            Arc::new(mappings.clone()),
-            bus.clone(),
-            rules.clone(),
-        ));
         let commands =
             match pipeline::commands::run(&config, bus.clone(), units.devices().clone()).await {
                 Ok(c) => c,
@@ -164,6 +176,8 @@ impl Gateway {
             rules,
             bridges,
             bridge_shutdown,
+            bridge_reports,
+            external_report,
         })
     }
 
@@ -266,7 +280,7 @@ impl Gateway {
         self.bridges = keep;
         for spec in specs {
             let name = spec.name.clone();
-            let started = match Bridge::open(spec) {
+            let started = match bridge::open(spec).await {
                 Ok(bridge) => {
                     bridge::start(bridge, &self.bus, self.bridge_shutdown.child_token()).await
                 }
@@ -274,6 +288,9 @@ impl Gateway {
             };
             match started {
                 Ok(running) => {
+                    self.bridge_reports.retain(|report| !report.is_finished());
+                    self.bridge_reports
+                        .push(self.status.follow_bridge(&name, running.status.clone()));
                     if !changes.restarted.contains(&name) {
                         changes.started.push(name);
                     }
@@ -399,17 +416,22 @@ impl Gateway {
 
     /// Stops the drivers, lets in-flight readings drain, publishes
     /// `offline`, and closes the listeners; bounded to about a second.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
+        // No new commands; the writes under way finish and report.
+        if let Some(c) = self.commands.take() {
+            c.stop(Duration::from_millis(500)).await;
+        }
         // Also drops the last readings sender, so the pipeline can end.
         if !self.units.stop(Duration::from_millis(800)).await {
             tracing::warn!("some devices did not stop within 800ms");
         }
-        // Drivers are gone, so the pipeline ends once it has drained.
-        let _ = tokio::time::timeout(Duration::from_millis(300), self.pipeline).await;
+        // Drivers are gone: the rules thread maps what they sent last
+        // without rules and ends; so does the pipeline once it has drained.
         if let Some(r) = &self.rules {
             r.shutdown(Duration::from_millis(500)).await;
         }
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.pipeline).await;
         if !self.bridges.is_empty() {
             // Let the pipeline's last messages reach the bridges, then stop
             // them: they queue what they got and say goodbye to the cloud.
@@ -424,7 +446,15 @@ impl Gateway {
                 }
             }
         }
+        // Their last states reach the status task, then the bus.
+        for report in self.bridge_reports {
+            let _ = tokio::time::timeout(Duration::from_millis(300), report).await;
+        }
+        if let Some(report) = &self.external_report {
+            report.abort();
+        }
         self.status.gateway(false).await;
+        self.status.sync().await;
         self.bus.flush(Duration::from_millis(300)).await;
         if let Some(b) = &self.broker {
             b.shutdown().await;

@@ -1,5 +1,6 @@
-//! edgebridge: an IoT gateway in one binary. See DESIGN.md in the repo for
-//! the architecture; folder names follow the data flow.
+//! edgebridge: an IoT gateway in one binary. Folder names follow the data
+//! flow: drivers -> pipeline (mappings, rules) -> bus -> bridges; README.md
+//! describes what each part does for the user.
 
 pub mod access;
 pub mod bridge;

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::LineError;
 use crate::config::{AclAccess, AclRuleConfig};
 use crate::topic;
 
@@ -53,12 +54,8 @@ pub enum Access {
 pub enum AclError {
     #[error("cannot read ACL file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
-    #[error("{path}:{line}: {message}")]
-    Line {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Line(#[from] LineError),
     #[error("broker.acl[{index}]: {message}")]
     Entry { index: usize, message: String },
 }
@@ -350,11 +347,7 @@ impl Rules {
 fn parse_acl_file(rules: &mut Rules, path: &Path, text: &str) -> Result<(), AclError> {
     let mut user: Option<String> = None;
     for (i, raw) in text.lines().enumerate() {
-        let err = |message: String| AclError::Line {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message,
-        };
+        let err = |message: String| AclError::Line(LineError::new(path, i + 1, message));
         let line = raw.trim_end();
         if line.starts_with('#') {
             continue;

@@ -28,6 +28,7 @@ mod pool;
 mod users;
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 pub use acl::{Access, Acl, AclError};
@@ -37,6 +38,26 @@ pub use users::{
 };
 
 use crate::config::Config;
+
+/// A bad line of an ACL or password file, as `file:line: what`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}:{line}: {message}")]
+pub struct LineError {
+    pub path: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    pub message: String,
+}
+
+impl LineError {
+    fn new(path: &Path, line: usize, message: String) -> LineError {
+        LineError {
+            path: path.to_path_buf(),
+            line,
+            message,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AccessError {

@@ -288,6 +288,49 @@ mod tests {
         Some(IpAddr::from([10, 0, 0, n]))
     }
 
+    /// A pool whose one worker is held busy, so that everything submitted
+    /// waits; jobs made by [`Held::job`] report their names when run.
+    struct Held {
+        release: mpsc::Sender<()>,
+        done_tx: mpsc::Sender<&'static str>,
+        done_rx: mpsc::Receiver<&'static str>,
+    }
+
+    impl Held {
+        fn new(pool: &CheckPool) -> Held {
+            let (release, release_rx) = mpsc::channel::<()>();
+            let (started_tx, started_rx) = mpsc::channel::<()>();
+            pool.submit(
+                ip(9),
+                Box::new(move || {
+                    started_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                }),
+            )
+            .unwrap();
+            started_rx.recv().unwrap();
+            let (done_tx, done_rx) = mpsc::channel();
+            Held {
+                release,
+                done_tx,
+                done_rx,
+            }
+        }
+
+        fn job(&self, name: &'static str) -> Job {
+            let tx = self.done_tx.clone();
+            Box::new(move || tx.send(name).unwrap())
+        }
+
+        /// Lets the worker go; the names of the next `n` jobs run, in order.
+        fn release(&self, n: usize) -> Vec<&'static str> {
+            self.release.send(()).unwrap();
+            (0..n)
+                .map(|_| self.done_rx.recv_timeout(Duration::from_secs(5)).unwrap())
+                .collect()
+        }
+    }
+
     #[test]
     fn peers_take_turns_and_floods_are_refused_busy() {
         let pool = CheckPool::start(Limits {
@@ -296,23 +339,8 @@ mod tests {
             max_waiting_per_peer: 3,
         })
         .unwrap();
-        // Hold the one worker so that everything else waits.
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        pool.submit(
-            ip(9),
-            Box::new(move || {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            }),
-        )
-        .unwrap();
-        started_rx.recv().unwrap();
-        let (done_tx, done_rx) = mpsc::channel::<&'static str>();
-        let job = |name: &'static str| -> Job {
-            let tx = done_tx.clone();
-            Box::new(move || tx.send(name).unwrap())
-        };
+        let held = Held::new(&pool);
+        let job = |name| held.job(name);
         for name in ["a1", "a2", "a3"] {
             pool.submit(ip(1), job(name)).unwrap();
         }
@@ -322,11 +350,7 @@ mod tests {
         pool.submit(ip(3), job("c1")).unwrap();
         assert_eq!(pool.waiting(), 6);
         assert_eq!(pool.submit(ip(4), job("d1")), Err(Busy), "global bound");
-        release_tx.send(()).unwrap();
-        let order: Vec<_> = (0..6)
-            .map(|_| done_rx.recv_timeout(Duration::from_secs(5)).unwrap())
-            .collect();
-        assert_eq!(order, ["a1", "b1", "c1", "a2", "b2", "a3"]);
+        assert_eq!(held.release(6), ["a1", "b1", "c1", "a2", "b2", "a3"]);
     }
 
     #[test]
@@ -338,32 +362,14 @@ mod tests {
         })
         .unwrap();
         pool.remember(IpAddr::from([192, 168, 1, 50]));
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        pool.submit(
-            ip(9),
-            Box::new(move || {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            }),
-        )
-        .unwrap();
-        started_rx.recv().unwrap();
-        let (done_tx, done_rx) = mpsc::channel::<&'static str>();
-        let job = |name: &'static str| -> Job {
-            let tx = done_tx.clone();
-            Box::new(move || tx.send(name).unwrap())
-        };
+        let held = Held::new(&pool);
+        let job = |name| held.job(name);
         pool.submit(ip(1), job("stranger1")).unwrap();
         pool.submit(ip(2), job("stranger2")).unwrap();
         assert_eq!(pool.submit(ip(3), job("stranger3")), Err(Busy));
         pool.submit(Some(IpAddr::from([192, 168, 1, 50])), job("known"))
             .unwrap();
-        release_tx.send(()).unwrap();
-        let order: Vec<_> = (0..3)
-            .map(|_| done_rx.recv_timeout(Duration::from_secs(5)).unwrap())
-            .collect();
-        assert_eq!(order, ["known", "stranger1", "stranger2"]);
+        assert_eq!(held.release(3), ["known", "stranger1", "stranger2"]);
     }
 
     #[test]

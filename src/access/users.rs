@@ -24,6 +24,7 @@ use sha2::{Digest, Sha512};
 use subtle::ConstantTimeEq;
 
 use super::pool::{self, CheckPool};
+use super::LineError;
 use crate::config::UserConfig;
 
 /// The argon2id cost `edgebridge passwd` writes: 8 MiB, 3 passes, one
@@ -61,12 +62,8 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
 pub enum UsersError {
     #[error("cannot read password file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
-    #[error("{path}:{line}: {message}")]
-    Line {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Line(#[from] LineError),
     #[error(
         "broker.users[{index}]: not an argon2 hash; create one with `edgebridge passwd <user>`"
     )]
@@ -352,9 +349,9 @@ impl Users {
         }
     }
 
-    /// [`Users::authenticate`] for a caller that only knows yes or no
-    /// (today's rumqttd auth handler): busy is no.
-    pub async fn check(&self, username: String, password: String) -> bool {
+    /// [`Users::authenticate`] as yes or no: busy is no.
+    #[cfg(test)]
+    async fn check(&self, username: String, password: String) -> bool {
         self.authenticate(None, &username, password.as_bytes())
             .await
             == Login::Accepted
@@ -388,11 +385,7 @@ fn parse_password_file(
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let err = |message: String| UsersError::Line {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message,
-        };
+        let err = |message: String| UsersError::Line(LineError::new(path, i + 1, message));
         let Some((user, hash)) = line.split_once(':') else {
             return Err(err("expected `username:hash`".into()));
         };

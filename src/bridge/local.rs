@@ -97,10 +97,14 @@ pub async fn start_all(
     let mut onenet = Vec::new();
     for b in &config.bridges {
         if b.onenet.is_some() {
-            onenet.push(super::onenet::run::OneNetBridge::open(config, b)?);
+            let (config, b) = (config.clone(), b.clone());
+            onenet.push(
+                crate::ops::blocking(move || super::onenet::run::OneNetBridge::open(&config, &b))
+                    .await?,
+            );
             continue;
         }
-        bridges.push(Bridge::open(BridgeSpec::from_config(b, config)?)?);
+        bridges.push(open(BridgeSpec::from_config(b, config)?).await?);
     }
     let mut running = Vec::new();
     for bridge in bridges {
@@ -110,6 +114,12 @@ pub async fn start_all(
         running.push(bridge.start(bus, shutdown).await?);
     }
     Ok(running)
+}
+
+/// Opens (and if needed recovers) a bridge's queue and inbox on the
+/// blocking pool: [`Bridge::open`] for async callers.
+pub async fn open(spec: BridgeSpec) -> Result<Bridge, BridgeError> {
+    crate::ops::blocking(move || Bridge::open(spec)).await
 }
 
 /// Subscribes an opened bridge on `bus` and runs it until `stop`.

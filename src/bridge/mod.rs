@@ -25,4 +25,4 @@ pub mod queue;
 
 pub use engine::{status_topic, BridgeStatus, LocalLink};
 pub use generic::{Bridge, BridgeError, BridgeSpec};
-pub use local::{check_files, start, start_all, BusLink, RunningBridge, StartError};
+pub use local::{check_files, open, start, start_all, BusLink, RunningBridge, StartError};

@@ -119,21 +119,27 @@ impl LocalClients {
         self.subs.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The subscribers `topic` goes to, `from` (a client id) excluded.
-    fn matching(&self, from: &str, topic: &str) -> Vec<Arc<Subscriber>> {
+    /// The subscribers `topic` goes to, `from` (a client id) excluded,
+    /// each with the index of its first filter that matches.
+    fn matching(&self, from: &str, topic: &str) -> Vec<(Arc<Subscriber>, usize)> {
         let subs = self.subs.read().unwrap_or_else(|e| e.into_inner());
         subs.iter()
             .filter(|s| s.client_id != from)
-            .filter(|s| s.filters.iter().any(|f| crate::topic::matches(f, topic)))
-            .cloned()
+            .filter_map(|s| {
+                let first = s
+                    .filters
+                    .iter()
+                    .position(|f| crate::topic::matches(f, topic))?;
+                Some((s.clone(), first))
+            })
             .collect()
     }
 
     /// Hands `msg` to every matching subscriber, waiting while one is full
     /// (see the module docs).
     pub async fn deliver(&self, from: &str, msg: &Message) {
-        for sub in self.matching(from, &msg.topic) {
-            if let Some(d) = sub.durable.as_ref().filter(|d| d.wants(&sub.filters, msg)) {
+        for (sub, first) in self.matching(from, &msg.topic) {
+            if let Some(d) = sub.durable.as_ref().filter(|d| d.wants(first, msg)) {
                 match d.inbox.put(msg, STALL_LIMIT).await {
                     Ok(_) => {
                         if INBOX_FAILING.swap(false, Ordering::Relaxed) {
@@ -182,13 +188,9 @@ impl LocalClients {
 }
 
 impl Durable {
-    fn wants(&self, filters: &[String], msg: &Message) -> bool {
-        msg.qos != Qos::AtMostOnce
-            && filters
-                .iter()
-                .position(|f| crate::topic::matches(f, &msg.topic))
-                .and_then(|i| self.qos.get(i))
-                .is_some_and(|q| *q != Qos::AtMostOnce)
+    /// Whether `msg`, matched first by filter `first`, goes to the inbox.
+    fn wants(&self, first: usize, msg: &Message) -> bool {
+        msg.qos != Qos::AtMostOnce && self.qos.get(first).is_some_and(|q| *q != Qos::AtMostOnce)
     }
 }
 

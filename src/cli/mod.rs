@@ -287,7 +287,8 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     let code = runtime.block_on(async move { report(serve(config, path).await) });
-    // The broker's router thread never ends; do not wait for it.
+    // Tasks that ignore the shutdown (a connection stuck in a write) must
+    // not keep the process alive; bounded.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     code
 }

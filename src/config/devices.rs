@@ -1,6 +1,7 @@
 //! Device and point settings. One flat struct per device holds the keys of
 //! every driver, so that serde reports each wrong key with its exact place;
-//! `validate` then checks which keys each driver needs or forbids.
+//! then each driver's folder checks the keys it takes and their values
+//! (`drivers::check`).
 
 use std::time::Duration;
 
@@ -102,6 +103,32 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// The keys set on this device besides `name`, `driver` and `points`
+    /// (each driver says which it takes).
+    pub fn driver_keys(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("poll", self.poll.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("port", self.port.is_some()),
+            ("baud", self.baud.is_some()),
+            ("parity", self.parity.is_some()),
+            ("data_bits", self.data_bits.is_some()),
+            ("stop_bits", self.stop_bits.is_some()),
+            ("slave", self.slave.is_some()),
+            ("address", self.address.is_some()),
+            ("max_gap", self.max_gap.is_some()),
+            ("max_registers", self.max_registers.is_some()),
+            ("max_bits", self.max_bits.is_some()),
+            ("inter_frame_delay", self.inter_frame_delay.is_some()),
+            ("offline_after", self.offline_after.is_some()),
+            ("multiple_writes", self.multiple_writes.is_some()),
+            ("delimiter", self.delimiter.is_some()),
+            ("max_line_length", self.max_line_length.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+    }
+
     pub fn poll_interval(&self) -> Duration {
         self.poll.unwrap_or(Duration::from_secs(1))
     }
@@ -217,6 +244,28 @@ pub struct PointConfig {
 }
 
 impl PointConfig {
+    /// The keys set on this point besides `name`, `unit` and `writable`
+    /// (each driver says which it takes).
+    pub fn driver_keys(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("wave", self.wave.is_some()),
+            ("min", self.min.is_some()),
+            ("max", self.max.is_some()),
+            ("period", self.period.is_some()),
+            ("value", self.value.is_some()),
+            ("table", self.table.is_some()),
+            ("address", self.address.is_some()),
+            ("type", self.data_type.is_some()),
+            ("order", self.order.is_some()),
+            ("scale", self.scale.is_some()),
+            ("offset", self.offset.is_some()),
+            ("bit", self.bit.is_some()),
+            ("length", self.length.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+    }
+
     /// The point's type, with the table's default.
     pub fn data_type(&self) -> DataType {
         self.data_type.unwrap_or(match self.table {

@@ -20,8 +20,9 @@ use serde::Deserialize;
 
 pub use bridges::*;
 pub use devices::*;
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{write_lines, ConfigError, ConfigErrors};
 pub use source::{substitute_env, Locator, UnsetVar};
+pub use validate::{is_valid_name, Problem, Problems};
 pub use values::{ByteSize, QosLevel, Secret};
 
 /// The whole config file.

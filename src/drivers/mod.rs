@@ -1,7 +1,10 @@
 //! Device drivers: where a [`Reading`](crate::model::Reading) is born.
-//! Each driver polls its devices and sends [`ReadingBatch`]es to the
-//! pipeline; [`Devices`] carries [`Command`]s back to the owning driver.
+//! Each driver polls its devices and reports through [`Events`]:
+//! [`ReadingBatch`]es to the pipeline; online, offline and counters to the
+//! status task. Drivers never publish nor name a topic. [`Devices`] carries
+//! [`Command`]s back to the owning driver.
 
+pub mod check;
 pub mod modbus;
 pub mod serial_line;
 pub mod simulator;
@@ -11,13 +14,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc::{self, Permit};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DeviceConfig, DriverKind};
-use crate::model::{Command, CommandResult, ReadingBatch, Value};
-use crate::status::Status;
+use crate::config::{DeviceConfig, DriverKind};
+use crate::model::{Command, CommandResult, ReadingBatch, Value, WriteError};
+use crate::status::{Event, Status};
 
 /// Commands waiting for one device's driver.
 const COMMAND_QUEUE: usize = 64;
@@ -36,10 +40,73 @@ pub enum DriverError {
 /// What every driver task gets from the gateway.
 #[derive(Clone)]
 pub struct DriverContext {
-    pub readings: mpsc::Sender<ReadingBatch>,
-    pub status: Status,
+    pub events: Events,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+}
+
+/// The pipeline has stopped (the gateway is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the pipeline has stopped")]
+pub struct PipelineGone;
+
+/// How a driver reports: readings to the pipeline, a device's state and
+/// counters to the status task ([`crate::status`]).
+#[derive(Clone)]
+pub struct Events {
+    readings: mpsc::Sender<ReadingBatch>,
+    status: Status,
+}
+
+impl Events {
+    pub fn new(readings: mpsc::Sender<ReadingBatch>, status: Status) -> Events {
+        Events { readings, status }
+    }
+
+    /// A place for one poll's readings in the pipeline's channel. A
+    /// driver waits for it while answering writes: a rule's `write()` may
+    /// be what the pipeline waits for.
+    pub async fn reserve(&self) -> Result<Permit<'_, ReadingBatch>, PipelineGone> {
+        self.readings.reserve().await.map_err(|_| PipelineGone)
+    }
+
+    /// `device` answers (again).
+    pub async fn online(&self, device: &str) {
+        self.device(device, true, None).await;
+    }
+
+    /// `device` stopped answering, and why if known.
+    pub async fn offline(&self, device: &str, reason: Option<&str>) {
+        self.device(device, false, reason).await;
+    }
+
+    async fn device(&self, device: &str, online: bool, reason: Option<&str>) {
+        self.status
+            .report(Event::Device {
+                device: device.to_string(),
+                online,
+                reason: reason.map(str::to_string),
+            })
+            .await;
+    }
+
+    /// A device's counters: a JSON object (anything else is ignored).
+    pub async fn stats(&self, device: &str, counters: serde_json::Value) {
+        let serde_json::Value::Object(counters) = counters else {
+            return;
+        };
+        self.status
+            .report(Event::DeviceStats {
+                device: device.to_string(),
+                counters,
+            })
+            .await;
+    }
+
+    /// `device` was removed from the config.
+    pub fn forget(&self, device: &str) {
+        self.status.forget_device(device);
+    }
 }
 
 /// Command senders by device name.
@@ -77,7 +144,7 @@ impl Devices {
             .get(device)
             .cloned();
         let Some(tx) = tx else {
-            return Err(format!("no device named `{device}`"));
+            return Err(WriteError::NoSuchDevice(device.to_string()));
         };
         let (reply, answer) = oneshot::channel();
         let cmd = Command {
@@ -88,14 +155,14 @@ impl Devices {
         };
         tx.send(cmd)
             .await
-            .map_err(|_| format!("device `{device}` is not running"))?;
+            .map_err(|_| WriteError::NotRunning(device.to_string()))?;
         match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(format!("device `{device}` dropped the command")),
-            Err(_) => Err(format!(
-                "device `{device}` did not answer within {}s",
-                COMMAND_TIMEOUT.as_secs()
-            )),
+            Ok(Err(_)) => Err(WriteError::Dropped(device.to_string())),
+            Err(_) => Err(WriteError::Timeout {
+                device: device.to_string(),
+                after: COMMAND_TIMEOUT,
+            }),
         }
     }
 }
@@ -115,11 +182,6 @@ impl Devices {
             None => map.remove(device),
         };
     }
-}
-
-/// Starts a task for every configured device.
-pub fn spawn_all(config: &Config, ctx: &DriverContext) -> Result<Devices, DriverError> {
-    spawn_devices(&config.devices, ctx).map(Devices::new)
 }
 
 /// Starts the driver tasks for `devices` (one task per device, or per

@@ -53,7 +53,7 @@ impl Unit {
 
 /// Every running driver unit, and the command routes to them.
 pub struct DriverUnits {
-    /// Readings, status and the gateway's shutdown token for new units.
+    /// Where drivers report, and the gateway's shutdown token, for new units.
     ctx: DriverContext,
     units: BTreeMap<String, Unit>,
     devices: Devices,
@@ -92,8 +92,7 @@ impl DriverUnits {
         let shutdown = self.ctx.shutdown.child_token();
         let tasks = TaskTracker::new();
         let ctx = DriverContext {
-            readings: self.ctx.readings.clone(),
-            status: self.ctx.status.clone(),
+            events: self.ctx.events.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         };
@@ -149,10 +148,10 @@ impl DriverUnits {
                     // Gone from the config (not just moved to another unit).
                     self.devices.set_route(name, None);
                     self.ctx
-                        .status
-                        .device(name, false, Some("removed from the config"))
+                        .events
+                        .offline(name, Some("removed from the config"))
                         .await;
-                    self.ctx.status.forget_device(name);
+                    self.ctx.events.forget(name);
                     changes.stopped.push(name.to_string());
                 }
             }

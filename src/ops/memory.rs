@@ -38,6 +38,7 @@ pub fn tune_allocator() {
 
 /// Resident memory of this process in bytes (`VmRSS` in
 /// `/proc/self/status`), for tests and benchmarks; `None` off Linux.
+/// It reads a file: async code calls it through [`super::blocking`].
 pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;

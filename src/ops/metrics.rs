@@ -167,71 +167,99 @@ pub fn install(config: &MetricsConfig) -> Result<Endpoint, MetricsError> {
     Ok(Endpoint { addr, task })
 }
 
+/// One metric's kind, unit and the help text the endpoint shows.
+struct Metric {
+    name: &'static str,
+    kind: Kind,
+    unit: Option<Unit>,
+    help: &'static str,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Metric {
+    const fn counter(name: &'static str, unit: Option<Unit>, help: &'static str) -> Metric {
+        Metric {
+            name,
+            kind: Kind::Counter,
+            unit,
+            help,
+        }
+    }
+
+    const fn gauge(name: &'static str, unit: Option<Unit>, help: &'static str) -> Metric {
+        Metric {
+            name,
+            kind: Kind::Gauge,
+            unit,
+            help,
+        }
+    }
+
+    const fn histogram(name: &'static str, unit: Option<Unit>, help: &'static str) -> Metric {
+        Metric {
+            name,
+            kind: Kind::Histogram,
+            unit,
+            help,
+        }
+    }
+}
+
+const SECONDS: Option<Unit> = Some(Unit::Seconds);
+const BYTES: Option<Unit> = Some(Unit::Bytes);
+
+/// Every metric the gateway records.
+#[rustfmt::skip] // a table: one metric a line
+const METRICS: &[Metric] = &[
+    Metric::counter(DEVICE_POLLS, None, "Polls of a device, whatever their outcome."),
+    Metric::counter(DEVICE_ERRORS, None, "Polls that failed with an error."),
+    Metric::counter(DEVICE_TIMEOUTS, None, "Polls that got no answer in time."),
+    Metric::gauge(DEVICE_LAST_SUCCESS, SECONDS, "Unix time of the last successful poll."),
+    Metric::histogram(DEVICE_POLL_DURATION, SECONDS, "How long a poll took."),
+    Metric::gauge(DEVICE_UP, None, "1 while the device is online."),
+    Metric::counter(READINGS, None, "Readings produced by the drivers."),
+    Metric::histogram(SERIAL_BUS_REQUEST, SECONDS, "How long a request held a serial bus."),
+    Metric::counter(PIPELINE_MESSAGES, None, "Messages published by mappings and rules."),
+    Metric::counter(BUS_MESSAGES, None, "Messages the gateway handed to the local bus."),
+    Metric::gauge(BROKER_CONNECTIONS, None, "Client connections on the embedded broker."),
+    Metric::counter(COMMANDS, None, "Device commands carried out, by result."),
+    Metric::counter(RULE_CALLS, None, "Calls of rule functions."),
+    Metric::counter(RULE_ERRORS, None, "Rule calls that failed."),
+    Metric::histogram(RULE_DURATION, SECONDS, "How long a rule call took."),
+    Metric::gauge(BRIDGE_CONNECTED, None, "1 while the bridge is connected."),
+    Metric::gauge(BRIDGE_QUEUE_MESSAGES, None, "Messages in the bridge's durable queue."),
+    Metric::gauge(BRIDGE_QUEUE_BYTES, BYTES, "Bytes in the bridge's durable queue."),
+    Metric::counter(BRIDGE_FORWARDED, None, "Messages acknowledged by the remote broker."),
+    Metric::counter(BRIDGE_DROPPED, None, "Messages dropped from a full queue."),
+    Metric::counter(BRIDGE_REDELIVERED, None, "Messages sent again after a reconnect."),
+    Metric::counter(RELOADS, None, "Config reloads, by result."),
+    Metric::counter(BROKER_LOGINS_REFUSED, None, "Logins the embedded broker refused."),
+    Metric::counter(BROKER_ACL_DENIED, None,
+        "Subscriptions and publishes denied by the broker's ACL, by action."),
+    Metric::counter(BROKER_DROPPED, None, "Messages the broker dropped for a client, by reason."),
+    Metric::counter(BUS_DROPPED, None, "Messages dropped for a stalled in-process subscriber."),
+    Metric::gauge(BUILD_INFO, None, "Always 1; the version label tells the build."),
+];
+
 fn describe() {
-    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h};
-    c!(DEVICE_POLLS, "Polls of a device, whatever their outcome.");
-    c!(DEVICE_ERRORS, "Polls that failed with an error.");
-    c!(DEVICE_TIMEOUTS, "Polls that got no answer in time.");
-    g!(
-        DEVICE_LAST_SUCCESS,
-        Unit::Seconds,
-        "Unix time of the last successful poll."
-    );
-    h!(DEVICE_POLL_DURATION, Unit::Seconds, "How long a poll took.");
-    g!(DEVICE_UP, "1 while the device is online.");
-    c!(READINGS, "Readings produced by the drivers.");
-    h!(
-        SERIAL_BUS_REQUEST,
-        Unit::Seconds,
-        "How long a request held a serial bus."
-    );
-    c!(
-        PIPELINE_MESSAGES,
-        "Messages published by mappings and rules."
-    );
-    c!(
-        BUS_MESSAGES,
-        "Messages the gateway handed to the local bus."
-    );
-    g!(
-        BROKER_CONNECTIONS,
-        "Client connections on the embedded broker."
-    );
-    c!(COMMANDS, "Device commands carried out, by result.");
-    c!(RULE_CALLS, "Calls of rule functions.");
-    c!(RULE_ERRORS, "Rule calls that failed.");
-    h!(RULE_DURATION, Unit::Seconds, "How long a rule call took.");
-    g!(BRIDGE_CONNECTED, "1 while the bridge is connected.");
-    g!(
-        BRIDGE_QUEUE_MESSAGES,
-        "Messages in the bridge's durable queue."
-    );
-    g!(
-        BRIDGE_QUEUE_BYTES,
-        Unit::Bytes,
-        "Bytes in the bridge's durable queue."
-    );
-    c!(
-        BRIDGE_FORWARDED,
-        "Messages acknowledged by the remote broker."
-    );
-    c!(BRIDGE_DROPPED, "Messages dropped from a full queue.");
-    c!(BRIDGE_REDELIVERED, "Messages sent again after a reconnect.");
-    c!(RELOADS, "Config reloads, by result.");
-    c!(BROKER_LOGINS_REFUSED, "Logins the embedded broker refused.");
-    c!(
-        BROKER_ACL_DENIED,
-        "Subscriptions and publishes denied by the broker's ACL, by action."
-    );
-    c!(
-        BROKER_DROPPED,
-        "Messages the broker dropped for a client, by reason."
-    );
-    c!(
-        BUS_DROPPED,
-        "Messages dropped for a stalled in-process subscriber."
-    );
-    g!(BUILD_INFO, "Always 1; the version label tells the build.");
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for m in METRICS {
+        let (name, help) = (m.name, m.help);
+        match (m.kind, m.unit) {
+            (Kind::Counter, Some(u)) => describe_counter!(name, u, help),
+            (Kind::Counter, None) => describe_counter!(name, help),
+            (Kind::Gauge, Some(u)) => describe_gauge!(name, u, help),
+            (Kind::Gauge, None) => describe_gauge!(name, help),
+            (Kind::Histogram, Some(u)) => describe_histogram!(name, u, help),
+            (Kind::Histogram, None) => describe_histogram!(name, help),
+        }
+    }
 }
 
 /// How one poll of a device ended.

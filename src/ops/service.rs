@@ -21,12 +21,6 @@ impl ServiceManager {
         }
     }
 
-    /// The watchdog timeout systemd expects pings within (`WatchdogSec=`),
-    /// if it is enabled for this process.
-    pub fn watchdog_timeout(&self) -> Option<Duration> {
-        self.watchdog
-    }
-
     /// How often to check health and ping: half the watchdog timeout as
     /// sd_watchdog_enabled(3) recommends, and at most `max`.
     pub fn check_interval(&self, max: Duration) -> Duration {

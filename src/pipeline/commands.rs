@@ -2,22 +2,30 @@
 //! the outcome is published on the command's result topic.
 
 use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bus::{Bus, Subscription};
 use crate::config::{CommandConfig, Config, DataType};
 use crate::drivers::Devices;
-use crate::model::{Message, Qos, Value};
+use crate::model::{Message, Qos, Value, ValueError};
 
 /// Parses a command payload: `on`/`off`, `true`/`false`, numbers, or JSON
 /// (`{"value": …}` or a bare JSON value); anything else is text.
-pub fn parse_payload(payload: &[u8]) -> Result<Value, String> {
+pub fn parse_payload(payload: &[u8]) -> Result<Value, ValueError> {
     let text = std::str::from_utf8(payload)
-        .map_err(|_| "payload is not UTF-8 text".to_string())?
+        .map_err(|_| ValueError::NotUtf8)?
         .trim();
     match text.to_ascii_lowercase().as_str() {
         "on" | "true" => return Ok(Value::Bool(true)),
         "off" | "false" => return Ok(Value::Bool(false)),
-        "" => return Err("empty payload".into()),
+        "" => return Err(ValueError::Empty),
         _ => {}
     }
     if let Ok(i) = text.parse::<i64>() {
@@ -31,46 +39,45 @@ pub fn parse_payload(payload: &[u8]) -> Result<Value, String> {
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(mut o)) => match o.remove("value") {
             Some(v) => json_value(v),
-            None => Err("JSON payload needs a \"value\" key".into()),
+            None => Err(ValueError::NoValueKey),
         },
         Ok(v) => json_value(v),
         Err(_) => Ok(Value::Text(text.to_string())),
     }
 }
 
-fn json_value(v: serde_json::Value) -> Result<Value, String> {
+fn json_value(v: serde_json::Value) -> Result<Value, ValueError> {
     match v {
         serde_json::Value::Bool(b) => Ok(Value::Bool(b)),
         serde_json::Value::Number(n) => n
             .as_i64()
             .map(Value::Int)
             .or_else(|| n.as_f64().map(Value::Float))
-            .ok_or_else(|| format!("number {n} out of range")),
+            .ok_or_else(|| ValueError::OutOfRange(n.to_string())),
         serde_json::Value::String(s) => parse_payload(s.as_bytes()),
-        other => Err(format!("unsupported value {other}")),
+        other => Err(ValueError::Unsupported(other.to_string())),
     }
 }
 
 /// Converts a parsed value to what a point of type `ty` takes.
-pub fn coerce(value: Value, ty: DataType) -> Result<Value, String> {
+pub fn coerce(value: Value, ty: DataType) -> Result<Value, ValueError> {
     match ty {
         DataType::Bool => match value {
             Value::Bool(b) => Ok(Value::Bool(b)),
             Value::Int(0) => Ok(Value::Bool(false)),
             Value::Int(1) => Ok(Value::Bool(true)),
-            other => Err(format!(
-                "`{other}` is not a boolean (use on/off, true/false, 1/0)"
-            )),
+            other => Err(ValueError::NotBool(other.to_string())),
         },
         DataType::String => Ok(Value::Text(value.to_string())),
         _ => match value {
             Value::Bool(b) => Ok(Value::Int(b as i64)),
-            Value::Text(t) => Err(format!("`{t}` is not a number")),
+            Value::Text(t) => Err(ValueError::NotNumber(t)),
             n => Ok(n),
         },
     }
 }
 
+#[derive(Clone)]
 struct Route {
     device: String,
     point: String,
@@ -79,14 +86,59 @@ struct Route {
     result_topic: String,
 }
 
+/// Writes under way at once, at most; further commands wait on the bus
+/// (whose subscriber queue is bounded too).
+const WRITES_IN_FLIGHT: usize = 32;
+
+/// The running `commands:` service. Each command is its own task (a slow
+/// device does not hold up the others; the driver orders its writes), at
+/// most [`WRITES_IN_FLIGHT`] at once, and all of them tracked so that the
+/// gateway can wait for their results at shutdown.
+pub struct Commands {
+    stop: CancellationToken,
+    writes: TaskTracker,
+    task: JoinHandle<()>,
+}
+
+impl Commands {
+    /// Stops taking commands. Writes under way still finish and publish
+    /// their results (each is bounded by the driver's answer timeout).
+    pub fn abort(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops taking commands and waits up to `within` for the writes under
+    /// way to publish their results; false if some did not.
+    pub async fn stop(self, within: Duration) -> bool {
+        self.abort();
+        let _ = self.task.await;
+        tokio::time::timeout(within, self.writes.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// Awaiting [`Commands`] waits until it takes no more commands (after
+/// [`Commands::abort`], or when the bus closes).
+impl IntoFuture for Commands {
+    type Output = ();
+    type IntoFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let _ = self.task.await;
+        })
+    }
+}
+
 /// Subscribes to every command topic and serves them until the bus closes
-/// or the returned task is aborted (a config reload); `None` when there
-/// are no commands.
+/// or [`Commands::abort`] (a config reload); `None` when there are no
+/// commands.
 pub async fn run(
     config: &Config,
     bus: Bus,
     devices: Devices,
-) -> Result<Option<tokio::task::JoinHandle<()>>, crate::bus::BusError> {
+) -> Result<Option<Commands>, crate::bus::BusError> {
     if config.commands.is_empty() {
         return Ok(None);
     }
@@ -116,44 +168,88 @@ pub async fn run(
         .map(|t| (t.clone(), Qos::AtLeastOnce))
         .collect();
     let sub: Subscription = bus.subscribe("edgebridge-commands", &filters).await?;
-    Ok(Some(tokio::spawn(serve(sub, routes, bus, devices))))
+    let stop = CancellationToken::new();
+    let writes = TaskTracker::new();
+    let server = Server {
+        routes,
+        bus,
+        devices,
+        writes: writes.clone(),
+        room: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
+    };
+    let task = tokio::spawn(server.serve(sub, stop.clone()));
+    Ok(Some(Commands { stop, writes, task }))
 }
 
-async fn serve(mut sub: Subscription, routes: HashMap<String, Route>, bus: Bus, devices: Devices) {
-    while let Some(msg) = sub.recv().await {
-        let Some(route) = routes.get(&msg.topic) else {
-            continue;
-        };
-        // One write at a time per command topic would serialise slow
-        // devices; each write gets its own task, the driver orders them.
-        let devices = devices.clone();
-        let bus = bus.clone();
-        let (device, point, ty, result_topic) = (
-            route.device.clone(),
-            route.point.clone(),
-            route.ty,
-            route.result_topic.clone(),
-        );
-        tokio::spawn(async move {
-            let value = parse_payload(&msg.payload).and_then(|v| match ty {
-                Some(ty) => coerce(v, ty),
-                None => Ok(v),
+struct Server {
+    routes: HashMap<String, Route>,
+    bus: Bus,
+    devices: Devices,
+    writes: TaskTracker,
+    room: Arc<Semaphore>,
+}
+
+impl Server {
+    async fn serve(self, mut sub: Subscription, stop: CancellationToken) {
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                msg = sub.recv() => match msg {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let Some(route) = self.routes.get(&msg.topic) else {
+                continue;
+            };
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                permit = self.room.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    // Never closed: the server owns the semaphore.
+                    Err(_) => break,
+                },
+            };
+            let write = write(
+                self.devices.clone(),
+                self.bus.clone(),
+                route.clone(),
+                msg.payload,
+            );
+            self.writes.spawn(async move {
+                write.await;
+                drop(permit);
             });
-            let result = match value {
-                Ok(v) => devices.write(&device, &point, v).await,
-                Err(e) => Err(e),
-            };
-            let payload = match &result {
-                Ok(()) => serde_json::json!({"ok": true, "device": device, "point": point}),
-                Err(e) => {
-                    tracing::warn!(%device, %point, error = %e, "command failed");
-                    serde_json::json!({"ok": false, "device": device, "point": point, "error": e})
-                }
-            };
-            bus.publish(Message::new(result_topic, payload.to_string()))
-                .await;
-        });
+        }
+        self.writes.close();
     }
+}
+
+/// Carries out one command and publishes its result.
+async fn write(devices: Devices, bus: Bus, route: Route, payload: bytes::Bytes) {
+    let Route {
+        device,
+        point,
+        ty,
+        result_topic,
+    } = route;
+    let value = parse_payload(&payload).and_then(|v| match ty {
+        Some(ty) => coerce(v, ty),
+        None => Ok(v),
+    });
+    let result = match value {
+        Ok(v) => devices.write(&device, &point, v).await,
+        Err(e) => Err(e.into()),
+    };
+    let payload = match &result {
+        Ok(()) => serde_json::json!({"ok": true, "device": device, "point": point}),
+        Err(e) => {
+            tracing::warn!(%device, %point, error = %e, "command failed");
+            serde_json::json!({"ok": false, "device": device, "point": point, "error": e.to_string()})
+        }
+    };
+    bus.publish(Message::new(result_topic, payload.to_string()))
+        .await;
 }
 
 #[cfg(test)]

@@ -1,78 +1,15 @@
 //! Mappings: a reading becomes zero or more messages. Templates are parsed
 //! once at start; applying a mapping only fills in the parts.
 
-use std::fmt::Write;
+mod template;
+
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
 use crate::config::{MappingConfig, PayloadFormat};
-use crate::model::{Message, Qos, Quality, Reading, Value};
-
-#[derive(Debug, Clone, PartialEq)]
-enum Part {
-    Lit(String),
-    Device,
-    Point,
-    Gateway,
-    Value,
-    Unit,
-    Ts,
-}
-
-/// A `{placeholder}` template, parsed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Template(Vec<Part>);
-
-impl Template {
-    /// Parses a template; unknown placeholders were rejected by validation
-    /// and are kept literally here.
-    pub fn parse(t: &str) -> Template {
-        let mut parts = Vec::new();
-        let mut rest = t;
-        while let Some(open) = rest.find('{') {
-            let Some(close) = rest[open..].find('}') else {
-                break;
-            };
-            if open > 0 {
-                parts.push(Part::Lit(rest[..open].to_string()));
-            }
-            let name = &rest[open + 1..open + close];
-            parts.push(match name {
-                "device" => Part::Device,
-                "point" => Part::Point,
-                "gateway" => Part::Gateway,
-                "value" => Part::Value,
-                "unit" => Part::Unit,
-                "ts" => Part::Ts,
-                other => Part::Lit(format!("{{{other}}}")),
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Lit(rest.to_string()));
-        }
-        Template(parts)
-    }
-
-    fn render(&self, out: &mut String, r: &Reading, gateway: &str, value: &Value, unit: &str) {
-        for p in &self.0 {
-            match p {
-                Part::Lit(s) => out.push_str(s),
-                Part::Device => out.push_str(&r.device),
-                Part::Point => out.push_str(&r.point),
-                Part::Gateway => out.push_str(gateway),
-                Part::Value => {
-                    let _ = write!(out, "{value}");
-                }
-                Part::Unit => out.push_str(unit),
-                Part::Ts => {
-                    let _ = write!(out, "{}", r.ts);
-                }
-            }
-        }
-    }
-}
+use crate::model::{Message, Qos, Quality, Reading, ReadingJson, Value};
+pub use template::{Field, Template, TemplateError};
 
 /// `device/point` with `*` per segment.
 #[derive(Debug, Clone)]
@@ -165,16 +102,22 @@ impl Mappings {
     }
 }
 
+/// Parses a template of a validated config. Validation refused the
+/// templates that do not parse; were one to get here, it stays literal.
+fn template(t: &str, allowed: &'static [Field]) -> Template {
+    Template::parse(t, allowed).unwrap_or_else(|_| Template::literal(t))
+}
+
 fn compile(configs: &[MappingConfig]) -> Vec<Mapping> {
     configs
         .iter()
         .map(|m| Mapping {
             pattern: Pattern::parse(&m.pattern),
-            topic: Template::parse(&m.topic),
+            topic: template(&m.topic, Field::TOPIC),
             payload: match &m.payload {
                 PayloadFormat::Value => Payload::Value,
                 PayloadFormat::Json => Payload::Json,
-                PayloadFormat::Template(t) => Payload::Template(Template::parse(t)),
+                PayloadFormat::Template(t) => Payload::Template(template(t, Field::PAYLOAD)),
             },
             qos: m.qos.0,
             retain: m.retain,
@@ -195,21 +138,7 @@ impl Mapping {
             .or(r.unit.as_deref())
             .unwrap_or_default();
         let payload = match (&self.payload, &r.quality) {
-            (Payload::Json, q) => {
-                let mut obj = serde_json::Map::new();
-                match q {
-                    Quality::Good => obj.insert("value".into(), value.to_json()),
-                    Quality::Bad(e) => {
-                        obj.insert("value".into(), serde_json::Value::Null);
-                        obj.insert("error".into(), e.clone().into())
-                    }
-                };
-                if !unit.is_empty() {
-                    obj.insert("unit".into(), unit.into());
-                }
-                obj.insert("ts".into(), r.ts.into());
-                Bytes::from(serde_json::Value::Object(obj).to_string())
-            }
+            (Payload::Json, _) => ReadingJson::new(r, &value, unit).to_bytes(),
             (_, Quality::Bad(_)) => return None,
             (Payload::Value, _) => Bytes::from(value.to_string()),
             (Payload::Template(t), _) => {

@@ -460,13 +460,15 @@ async fn commands_write_coils_and_registers_and_report_results() {
         .devices()
         .write("inv", "temp", edgebridge::model::Value::Int(1))
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("read-only"), "{e}");
     let e = gw
         .devices()
         .write("inv", "nope", edgebridge::model::Value::Int(1))
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no point `nope`"), "{e}");
     gw.shutdown().await;
     let writes: Vec<u8> = sim

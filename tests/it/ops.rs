@@ -493,7 +493,8 @@ async fn reload_adds_and_removes_devices_and_keeps_what_needs_a_restart() {
     assert_eq!(
         gw.devices()
             .write("b", "p", edgebridge::model::Value::Int(1))
-            .await,
+            .await
+            .map_err(|e| e.to_string()),
         Err("no device named `b`".to_string())
     );
     // The listener did not move.

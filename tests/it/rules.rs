@@ -425,30 +425,83 @@ async fn cmd_led_switches_a_point_through_the_shipped_led_rule() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_rule_does_not_hold_up_the_readings() {
+async fn a_slow_rule_neither_holds_up_nor_reorders_the_readings() {
     // Every call runs into the 10 ms deadline while the simulator polls
-    // every 1 ms: the rules fall behind, and batches they cannot take go
-    // straight to the mappings instead of making the driver wait.
+    // every 1 ms: the rules fall behind, and the batches taken while too
+    // many wait skip them (mappings only) instead of making the driver
+    // wait. The skipped ones must not overtake those still waiting for
+    // the rules: the readings' times arrive in order.
     let (_dir, rules) = site(&[("slow.rhai", "fn on_reading(r) { loop { } }")]);
     let yaml = support::yaml_with_broker(&format!(
-        "devices:\n  - name: sim\n    driver: simulator\n    poll: 1ms\n    points:\n      - {{ name: p, wave: ramp }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}' }}\nrules: {{ dir: {} }}\n",
+        "devices:\n  - name: sim\n    driver: simulator\n    poll: 1ms\n    points:\n      - {{ name: p, wave: ramp }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}', payload: '{{ts}}' }}\nrules: {{ dir: {} }}\n",
         rules.display()
     ));
     let gw = support::start(&yaml).await;
     let mut c = Client::connect(support::mqtt_addr(&gw), "t-slow", &["devices/sim/p"]).await;
     let rt = gw.rules().unwrap().clone();
+    let mut last = 0u64;
+    let mut in_order = |payload: &str| {
+        let ts: u64 = payload.parse().unwrap();
+        assert!(ts >= last, "a reading of {ts} arrived after one of {last}");
+        last = ts;
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while rt.bypassed() == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the rules never fell behind"
         );
-        c.expect("devices/sim/p", WAIT).await;
+        in_order(&c.expect("devices/sim/p", WAIT).await.payload);
     }
-    // Readings keep arriving while the rules are behind.
-    for _ in 0..20 {
-        c.expect("devices/sim/p", WAIT).await;
+    // Readings keep arriving, in order, while the rules are behind.
+    for _ in 0..2000 {
+        in_order(&c.expect("devices/sim/p", WAIT).await.payload);
     }
+    assert!(rt.bypassed() > 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_waiting_on_a_full_pipeline_still_answers_a_rules_write() {
+    // The rule's first `write()` goes to a Modbus device that never
+    // answers (3 s timeout) while the simulator polls every 1 ms: the
+    // pipeline's channel (1 024 batches) fills and the simulator waits for
+    // room. The rule then writes to the simulator, which must answer while
+    // it waits, or each side would wait for the other until the command
+    // timeout (10 s).
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    let (_dir, rules) = site(&[(
+        "w.rhai",
+        r#"
+        fn on_reading(r) {
+            if r.device == "sim" && state.done == () {
+                state.done = true;
+                let dead = write("mute", "k", true);
+                let live = write("sim", "p", 42);
+                publish("result", `${dead.ok} ${live.ok} ${live.error}`);
+            }
+            r
+        }
+        "#,
+    )]);
+    let yaml = support::yaml_with_broker(&format!(
+        "devices:\n  - name: sim\n    driver: simulator\n    poll: 1ms\n    points:\n      - {{ name: p, wave: ramp, writable: true }}\n  \
+         - {{ name: mute, driver: modbus-tcp, address: \"{mute_addr}\", poll: 1h, timeout: 3s, points: [{{ name: k, table: coil, address: 1, writable: true }}] }}\n\
+         rules: {{ dir: {}, deadline: 1s }}\n",
+        rules.display()
+    ));
+    let gw = support::start(&yaml).await;
+    let mut c = Client::connect(support::mqtt_addr(&gw), "t-full", &["result"]).await;
+    let started = std::time::Instant::now();
+    let result = c.expect("result", Duration::from_secs(30)).await;
+    assert_eq!(
+        result.payload,
+        "false true ",
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(mute);
     gw.shutdown().await;
 }
 
@@ -587,6 +640,64 @@ async fn a_serial_line_device_added_by_a_reload_reaches_on_line() {
         .await;
     let lat = json(&c.expect("devices/gps/lat", WAIT).await);
     assert_eq!(lat["value"], 48.1173);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_converts_to_the_point_type_of_the_reloaded_config() {
+    // `p` is untyped at start (a write passes its value as is) and a
+    // `bool` after the reload: the rule's `write(…, 1)` must then become
+    // `true`, as the new config says, not stay the number 1.
+    let (_dir, rules) = site(&[(
+        "w.rhai",
+        r#"
+        const SUBSCRIBE = ["set"];
+        fn on_message(topic, payload) {
+            let r = write("sim", "p", 1);
+            publish("set/result", `${r.ok} ${r.error}`);
+        }
+        "#,
+    )]);
+    let config = |point: &str| {
+        support::yaml_with_broker(&format!(
+            "devices:\n  - {{ name: sim, driver: simulator, poll: 100ms, points: [{point}] }}\nmappings:\n  - {{ match: '*/*', topic: 'devices/{{device}}/{{point}}' }}\nrules: {{ dir: {}, deadline: 1s }}\n",
+            rules.display()
+        ))
+    };
+    let mut gw = support::start(&config(
+        "{ name: p, wave: constant, min: 0, writable: true }",
+    ))
+    .await;
+    let mut c = Client::connect(
+        support::mqtt_addr(&gw),
+        "t-write-type",
+        &["devices/sim/p", "set/result"],
+    )
+    .await;
+    let report = gw
+        .reload(support::config(&config(
+            "{ name: p, wave: constant, min: 0, type: bool, writable: true }",
+        )))
+        .await
+        .expect("reload applies");
+    assert_eq!(report.devices.restarted, ["sim"]);
+    gw.reload_rules()
+        .await
+        .expect("rules configured")
+        .expect("rules reload");
+    c.client
+        .publish("set", rumqttc::QoS::AtLeastOnce, false, "go")
+        .await
+        .unwrap();
+    assert_eq!(c.expect("set/result", WAIT).await.payload, "true ");
+    let written = c
+        .expect_where(WAIT, |g| g.topic == "devices/sim/p" && g.payload == "true")
+        .await;
+    // Written as the old (untyped) point, the value would read `1`.
+    assert!(
+        written.is_some(),
+        "the point never read `true` after the write"
+    );
     gw.shutdown().await;
 }
 

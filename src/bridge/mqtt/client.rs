@@ -110,85 +110,16 @@ impl RemoteConnection {
     /// queue resends.
     pub async fn poll(&mut self) -> Result<RemoteEvent, RemoteError> {
         match &mut self.inner {
-            Loop::V4(eventloop) => {
-                use rumqttc::{Event, Outgoing, Packet};
-                let event = eventloop
-                    .poll()
-                    .await
-                    .map_err(|e| connection_error(e.to_string()))?;
-                Ok(match event {
-                    Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
-                        session_present: c.session_present,
-                    },
-                    Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Published { pkid },
-                    Event::Incoming(Packet::PubAck(a)) => RemoteEvent::Acked { pkid: a.pkid },
-                    Event::Incoming(Packet::PubComp(c)) => RemoteEvent::Acked { pkid: c.pkid },
-                    Event::Incoming(Packet::Publish(p)) => RemoteEvent::Received(Message {
-                        topic: p.topic,
-                        payload: p.payload,
-                        qos: qos_from_v4(p.qos),
-                        retain: p.retain,
-                    }),
-                    Event::Incoming(Packet::SubAck(s)) => RemoteEvent::Subscribed {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                            .count(),
-                    },
-                    _ => RemoteEvent::Other,
-                })
-            }
-            Loop::V5(eventloop) => {
-                use rumqttc::v5::mqttbytes::v5::{
-                    Packet, PubAckReason, PubRecReason, SubscribeReasonCode,
-                };
-                use rumqttc::v5::Event;
-                use rumqttc::Outgoing;
-                let event = eventloop
-                    .poll()
-                    .await
-                    .map_err(|e| connection_error(e.to_string()))?;
-                Ok(match event {
-                    Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
-                        session_present: c.session_present,
-                    },
-                    Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Published { pkid },
-                    Event::Incoming(Packet::PubAck(a)) => match a.reason {
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                            RemoteEvent::Acked { pkid: a.pkid }
-                        }
-                        other => RemoteEvent::Refused {
-                            pkid: a.pkid,
-                            reason: format!("{other:?}"),
-                        },
-                    },
-                    Event::Incoming(Packet::PubRec(r)) => match r.reason {
-                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers => {
-                            RemoteEvent::Other
-                        }
-                        other => RemoteEvent::Refused {
-                            pkid: r.pkid,
-                            reason: format!("{other:?}"),
-                        },
-                    },
-                    Event::Incoming(Packet::PubComp(c)) => RemoteEvent::Acked { pkid: c.pkid },
-                    Event::Incoming(Packet::Publish(p)) => RemoteEvent::Received(Message {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload,
-                        qos: qos_from_v5(p.qos),
-                        retain: p.retain,
-                    }),
-                    Event::Incoming(Packet::SubAck(s)) => RemoteEvent::Subscribed {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                            .count(),
-                    },
-                    _ => RemoteEvent::Other,
-                })
-            }
+            Loop::V4(eventloop) => eventloop
+                .poll()
+                .await
+                .map(event_v4)
+                .map_err(|e| connection_error(e.to_string())),
+            Loop::V5(eventloop) => eventloop
+                .poll()
+                .await
+                .map(event_v5)
+                .map_err(|e| connection_error(e.to_string())),
         }
     }
 }
@@ -281,5 +212,106 @@ fn qos_from_v5(q: rumqttc::v5::mqttbytes::QoS) -> Qos {
         QoS::AtMostOnce => Qos::AtMostOnce,
         QoS::AtLeastOnce => Qos::AtLeastOnce,
         QoS::ExactlyOnce => Qos::ExactlyOnce,
+    }
+}
+
+/// A 3.1.1 event as the bridge sees it.
+fn event_v4(event: rumqttc::Event) -> RemoteEvent {
+    use rumqttc::{Event, Outgoing, Packet};
+    match event {
+        Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
+            session_present: c.session_present,
+        },
+        Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Published { pkid },
+        Event::Incoming(Packet::PubAck(a)) => RemoteEvent::Acked { pkid: a.pkid },
+        Event::Incoming(Packet::PubComp(c)) => RemoteEvent::Acked { pkid: c.pkid },
+        Event::Incoming(Packet::Publish(p)) => RemoteEvent::Received(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: qos_from_v4(p.qos),
+            retain: p.retain,
+        }),
+        Event::Incoming(Packet::SubAck(s)) => RemoteEvent::Subscribed {
+            refused: s
+                .return_codes
+                .iter()
+                .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                .count(),
+        },
+        _ => RemoteEvent::Other,
+    }
+}
+
+/// An MQTT 5 event as the bridge sees it: a PUBACK or PUBREC with an
+/// error reason is a refusal.
+fn event_v5(event: rumqttc::v5::Event) -> RemoteEvent {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason, SubscribeReasonCode};
+    use rumqttc::v5::Event;
+    use rumqttc::Outgoing;
+    match event {
+        Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
+            session_present: c.session_present,
+        },
+        Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Published { pkid },
+        Event::Incoming(Packet::PubAck(a)) => match a.reason {
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                RemoteEvent::Acked { pkid: a.pkid }
+            }
+            other => RemoteEvent::Refused {
+                pkid: a.pkid,
+                reason: format!("{other:?}"),
+            },
+        },
+        Event::Incoming(Packet::PubRec(r)) => match r.reason {
+            PubRecReason::Success | PubRecReason::NoMatchingSubscribers => RemoteEvent::Other,
+            other => RemoteEvent::Refused {
+                pkid: r.pkid,
+                reason: format!("{other:?}"),
+            },
+        },
+        Event::Incoming(Packet::PubComp(c)) => RemoteEvent::Acked { pkid: c.pkid },
+        Event::Incoming(Packet::Publish(p)) => RemoteEvent::Received(Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+            qos: qos_from_v5(p.qos),
+            retain: p.retain,
+        }),
+        Event::Incoming(Packet::SubAck(s)) => RemoteEvent::Subscribed {
+            refused: s
+                .return_codes
+                .iter()
+                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                .count(),
+        },
+        _ => RemoteEvent::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_and_refusals_by_protocol() {
+        use rumqttc::v5::mqttbytes::v5::{Packet, PubAck, PubAckReason};
+        let ack = |reason| {
+            event_v5(rumqttc::v5::Event::Incoming(Packet::PubAck(PubAck {
+                pkid: 7,
+                reason,
+                properties: None,
+            })))
+        };
+        assert!(matches!(
+            ack(PubAckReason::Success),
+            RemoteEvent::Acked { pkid: 7 }
+        ));
+        assert!(matches!(
+            ack(PubAckReason::QuotaExceeded),
+            RemoteEvent::Refused { pkid: 7, .. }
+        ));
+        let v4 = event_v4(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(
+            rumqttc::PubAck::new(9),
+        )));
+        assert!(matches!(v4, RemoteEvent::Acked { pkid: 9 }));
     }
 }

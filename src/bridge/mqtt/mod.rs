@@ -1,5 +1,5 @@
 //! The connection to a remote MQTT broker, built on rumqttc, with the parts
-//! rumqttc leaves to its users (see `reference/crates.md`):
+//! rumqttc leaves to its users:
 //!
 //! - [`RemoteOptions`]: everything needed to connect, from a
 //!   `BridgeConfig` ([`RemoteOptions::from_config`]) or built by hand (the

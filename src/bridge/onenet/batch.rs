@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use crate::model::Millis;
+use crate::model::{Millis, ReadingJson};
 
 /// One value of one property, with the time it was measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +18,10 @@ pub struct Sample {
 }
 
 impl Sample {
+    pub fn new(value: Json, time: Millis) -> Sample {
+        Sample { value, time }
+    }
+
     /// Reads a local payload: JSON numbers, booleans, objects and arrays are
     /// kept as they are; anything that is not JSON becomes a string. A
     /// payload in the shape a `payload: json` mapping produces
@@ -32,35 +36,17 @@ impl Sample {
             return None;
         }
         let Ok(json) = serde_json::from_str::<Json>(text) else {
-            return Some(Sample {
-                value: Json::String(text.to_string()),
-                time: received,
-            });
+            return Some(Sample::new(Json::String(text.to_string()), received));
         };
-        if let Json::Object(map) = &json {
-            let only_reading_keys = map
-                .keys()
-                .all(|k| matches!(k.as_str(), "value" | "unit" | "ts" | "error"));
-            // A bad-quality reading (`{"value":null,"error":…}`) has no
-            // value to post: the platform would take the object for one.
-            if only_reading_keys && map.contains_key("error") {
+        if let Some(reading) = ReadingJson::parse(&json) {
+            // A bad-quality reading has no value to post: the platform
+            // would take the object for one.
+            if !reading.is_good() {
                 return None;
             }
-            if only_reading_keys {
-                if let (Some(value), Some(ts)) =
-                    (map.get("value"), map.get("ts").and_then(Json::as_i64))
-                {
-                    return Some(Sample {
-                        value: value.clone(),
-                        time: ts,
-                    });
-                }
-            }
+            return Some(Sample::new(reading.value, reading.ts));
         }
-        Some(Sample {
-            value: json,
-            time: received,
-        })
+        Some(Sample::new(json, received))
     }
 }
 
@@ -169,13 +155,7 @@ mod tests {
     #[test]
     fn mapping_json_keeps_the_reading_time() {
         let s = Sample::from_local(br#"{"value":3.5,"unit":"kW","ts":1700000000123}"#, 7).unwrap();
-        assert_eq!(
-            s,
-            Sample {
-                value: json!(3.5),
-                time: 1700000000123
-            }
-        );
+        assert_eq!(s, Sample::new(json!(3.5), 1700000000123));
         // Other objects are values in their own right.
         let s = Sample::from_local(br#"{"value":1,"ts":5,"other":2}"#, 7).unwrap();
         assert_eq!(s.value, json!({"value":1,"ts":5,"other":2}));
@@ -187,28 +167,15 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Batcher::new(Duration::from_secs(1), 100);
         assert_eq!(b.due(), None);
+        b.push("power", Sample::new(json!(1), 10), t0);
         b.push(
             "power",
-            Sample {
-                value: json!(1),
-                time: 10,
-            },
-            t0,
-        );
-        b.push(
-            "power",
-            Sample {
-                value: json!(2),
-                time: 20,
-            },
+            Sample::new(json!(2), 20),
             t0 + Duration::from_millis(300),
         );
         b.push(
             "temp",
-            Sample {
-                value: json!(5),
-                time: 15,
-            },
+            Sample::new(json!(5), 15),
             t0 + Duration::from_millis(600),
         );
         assert_eq!(b.due(), Some(t0 + Duration::from_secs(1)));
@@ -216,13 +183,7 @@ mod tests {
         assert!(b.is_empty() && b.due().is_none());
         assert_eq!(batch["power"].len(), 2);
         let latest = latest(&batch);
-        assert_eq!(
-            latest["power"],
-            &Sample {
-                value: json!(2),
-                time: 20
-            }
-        );
+        assert_eq!(latest["power"], &Sample::new(json!(2), 20));
         assert_eq!(latest["temp"].time, 15);
     }
 
@@ -230,22 +191,8 @@ mod tests {
     fn latest_is_by_time_not_arrival() {
         let mut b = Batcher::new(Duration::from_secs(1), 100);
         let now = Instant::now();
-        b.push(
-            "p",
-            Sample {
-                value: json!("new"),
-                time: 20,
-            },
-            now,
-        );
-        b.push(
-            "p",
-            Sample {
-                value: json!("old"),
-                time: 10,
-            },
-            now,
-        );
+        b.push("p", Sample::new(json!("new"), 20), now);
+        b.push("p", Sample::new(json!("old"), 10), now);
         assert_eq!(latest(&b.take())["p"].value, json!("new"));
     }
 
@@ -254,14 +201,7 @@ mod tests {
         let mut b = Batcher::new(Duration::from_secs(1), 3);
         let now = Instant::now();
         for i in 0..10 {
-            b.push(
-                "p",
-                Sample {
-                    value: json!(i),
-                    time: i,
-                },
-                now,
-            );
+            b.push("p", Sample::new(json!(i), i), now);
         }
         assert_eq!(b.superseded(), 7);
         let batch = b.take();

@@ -90,23 +90,11 @@ mod tests {
         batch.insert(
             "temp".into(),
             vec![
-                Sample {
-                    value: json!(21.5),
-                    time: 1_552_289_677_900,
-                },
-                Sample {
-                    value: json!(21.0),
-                    time: 1_552_289_676_100,
-                },
+                Sample::new(json!(21.5), 1_552_289_677_900),
+                Sample::new(json!(21.0), 1_552_289_676_100),
             ],
         );
-        batch.insert(
-            "msg".into(),
-            vec![Sample {
-                value: json!("hi"),
-                time: 5_000,
-            }],
-        );
+        batch.insert("msg".into(), vec![Sample::new(json!("hi"), 5_000)]);
         let got: Json = serde_json::from_slice(&dp_post(3, &batch).unwrap()).unwrap();
         assert_eq!(
             got,

@@ -8,11 +8,13 @@
 //!   windows), [`uplink`] (post replies per property), [`downlink`]
 //!   (answering each request once: 200, error or timeout), [`connect`]
 //!   (CONNECT credentials, token refresh, the bundled CA);
+//! - its config: [`check`] (what OneNET enforces, checked at load);
 //! - the running bridge: [`run`], the OneNET profile on the bridge engine
 //!   (`bridge/engine`, the same queue, connection, retries, acks, pace and
 //!   status as every bridge), started by `bridge::start_all`.
 
 pub mod batch;
+pub mod check;
 pub mod connect;
 pub mod datastream;
 pub mod downlink;

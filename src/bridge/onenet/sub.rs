@@ -263,13 +263,7 @@ mod tests {
         let pack = |v: i64, t: i64| {
             let mut devices = BTreeMap::new();
             let mut b = Batch::new();
-            b.insert(
-                "e".to_string(),
-                vec![Sample {
-                    value: json!(v),
-                    time: t,
-                }],
-            );
+            b.insert("e".to_string(), vec![Sample::new(json!(v), t)]);
             devices.insert(who(1), b);
             pack_posts(&mut IdCounter::default(), &devices)
                 .remove(0)
@@ -296,10 +290,7 @@ mod tests {
             for k in 0..props {
                 b.insert(
                     format!("p{k:03}"),
-                    vec![Sample {
-                        value: json!(k),
-                        time: 1000 + k as i64,
-                    }],
+                    vec![Sample::new(json!(k), 1000 + k as i64)],
                 );
             }
             devices.insert(who(n), b);

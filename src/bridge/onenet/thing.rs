@@ -174,6 +174,18 @@ impl Reply {
     }
 }
 
+/// A platform request's JSON and its `id` (a string or a number).
+fn request(payload: &[u8]) -> Result<(Json, String), (Option<String>, String)> {
+    let json: Json =
+        serde_json::from_slice(payload).map_err(|e| (None, format!("not JSON: {e}")))?;
+    let id = match json.get("id") {
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Number(n)) => n.to_string(),
+        _ => return Err((None, "no `id`".to_string())),
+    };
+    Ok((json, id))
+}
+
 /// A `thing/property/set` request: property -> value to set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PropertySet {
@@ -185,13 +197,7 @@ impl PropertySet {
     /// Parses a request. An error carries the id when it could be read, so
     /// that a reply can still be sent.
     pub fn parse(payload: &[u8]) -> Result<PropertySet, (Option<String>, String)> {
-        let json: Json =
-            serde_json::from_slice(payload).map_err(|e| (None, format!("not JSON: {e}")))?;
-        let id = match json.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => return Err((None, "no `id`".to_string())),
-        };
+        let (json, id) = request(payload)?;
         let Some(Json::Object(params)) = json.get("params") else {
             return Err((Some(id), "`params` is not an object".to_string()));
         };
@@ -249,13 +255,7 @@ pub struct PropertyGet {
 
 impl PropertyGet {
     pub fn parse(payload: &[u8]) -> Result<PropertyGet, (Option<String>, String)> {
-        let json: Json =
-            serde_json::from_slice(payload).map_err(|e| (None, format!("not JSON: {e}")))?;
-        let id = match json.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => return Err((None, "no `id`".to_string())),
-        };
+        let (json, id) = request(payload)?;
         let params = match json.get("params") {
             None | Some(Json::Null) => Vec::new(),
             Some(Json::Array(a)) => a
@@ -305,31 +305,10 @@ mod tests {
         let mut batch = Batch::new();
         batch.insert(
             "power".into(),
-            vec![
-                Sample {
-                    value: json!(1.5),
-                    time: 1000,
-                },
-                Sample {
-                    value: json!(2.5),
-                    time: 1500,
-                },
-            ],
+            vec![Sample::new(json!(1.5), 1000), Sample::new(json!(2.5), 1500)],
         );
-        batch.insert(
-            "on".into(),
-            vec![Sample {
-                value: json!(true),
-                time: 1200,
-            }],
-        );
-        batch.insert(
-            "cfg".into(),
-            vec![Sample {
-                value: json!({"a":1}),
-                time: 1300,
-            }],
-        );
+        batch.insert("on".into(), vec![Sample::new(json!(true), 1200)]);
+        batch.insert("cfg".into(), vec![Sample::new(json!({"a":1}), 1300)]);
         let post = PropertyPost::from_batch("7".into(), &batch).unwrap();
         let got: Json = serde_json::from_slice(&post.to_bytes()).unwrap();
         assert_eq!(
@@ -372,13 +351,7 @@ mod tests {
     fn history_posts_merge_queued_posts_with_their_times() {
         let post = |id: &str, v: i64, t: i64| {
             let mut b = Batch::new();
-            b.insert(
-                "p".into(),
-                vec![Sample {
-                    value: json!(v),
-                    time: t,
-                }],
-            );
+            b.insert("p".into(), vec![Sample::new(json!(v), t)]);
             PropertyPost::from_batch(id.into(), &b).unwrap()
         };
         let (payload, names) = history_post("9", &[post("1", 10, 1000), post("2", 20, 2000)]);

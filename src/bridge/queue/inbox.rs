@@ -103,6 +103,7 @@ impl Inbox {
     /// the bridge, and a publish already under way may still write to the
     /// old one), that one is returned: what the old bridge did not take
     /// waits in it, in order, for the new one.
+    /// Async callers use [`Inbox::open_async`]: this reads every segment.
     pub fn open(
         data_dir: &Path,
         name: &str,
@@ -177,6 +178,15 @@ impl Inbox {
         let inbox = Arc::new(inbox);
         open.push((key, Arc::downgrade(&inbox)));
         Ok((inbox, pending))
+    }
+
+    /// [`Inbox::open`] on the blocking pool, for async callers.
+    pub async fn open_async(
+        data_dir: PathBuf,
+        name: String,
+        stored: u64,
+    ) -> io::Result<(Arc<Inbox>, Vec<Numbered>)> {
+        crate::ops::blocking(move || Inbox::open(&data_dir, &name, stored)).await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -319,12 +329,14 @@ impl Inbox {
     }
 
     /// The sequence number of the last record written.
-    pub fn last(&self) -> u64 {
+    #[cfg(test)]
+    fn last(&self) -> u64 {
         self.lock().seq
     }
 
     /// Segment files on disk (each takes a whole segment).
-    pub fn segments(&self) -> usize {
+    #[cfg(test)]
+    fn segments(&self) -> usize {
         let st = self.lock();
         st.closed.len() + usize::from(st.map.is_some())
     }

@@ -38,6 +38,9 @@
 //! Calls are synchronous. The bridge calls them from its task: a WAL commit
 //! without fsync takes tens of microseconds, about one system call's worth,
 //! so moving each call to a blocking thread would cost more than it saves.
+//! Opening is different: it may run `quick_check` over the whole file and
+//! salvage a damaged one, seconds on an SD card. Async code opens with
+//! [`Queue::open_async`], which does that on the blocking pool.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -444,6 +447,15 @@ impl Queue {
         // The limits may have shrunk since the last run.
         queue.enforce_limits()?;
         Ok((queue, recovery))
+    }
+
+    /// [`Queue::open`] on the blocking pool, for async callers.
+    pub async fn open_async(
+        data_dir: PathBuf,
+        name: String,
+        limits: QueueLimits,
+    ) -> Result<(Queue, Recovery), QueueError> {
+        crate::ops::blocking(move || Queue::open(&data_dir, &name, limits)).await
     }
 
     pub fn path(&self) -> &Path {

@@ -187,6 +187,18 @@ fn survives_a_crash_without_close() {
     assert_eq!(q.stats().depth, 50);
 }
 
+/// A closed queue of 40 messages `t/0`..`t/39` of 400 bytes (big enough
+/// that the rows span several pages); its file.
+fn closed_queue_of_40(dir: &Path) -> PathBuf {
+    let (mut q, _) = Queue::open(dir, "cloud", limits(1 << 20)).unwrap();
+    for i in 0..40 {
+        q.append(&[Message::new(format!("t/{i}"), vec![b'x'; 400])])
+            .unwrap();
+    }
+    q.path().to_path_buf()
+    // dropped here: closing checkpoints the WAL into the main file
+}
+
 /// Overwrites the end of the closed queue file (the page that holds the
 /// newest rows) with garbage.
 fn damage_tail(path: &Path) {
@@ -200,16 +212,7 @@ fn damage_tail(path: &Path) {
 #[test]
 fn damaged_last_record_is_detected_and_survived() {
     let dir = tempfile::tempdir().unwrap();
-    let path = {
-        let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
-        // Big enough that the rows span several pages.
-        for i in 0..40 {
-            q.append(&[Message::new(format!("t/{i}"), vec![b'x'; 400])])
-                .unwrap();
-        }
-        q.path().to_path_buf()
-        // dropped here: closing checkpoints the WAL into the main file
-    };
+    let path = closed_queue_of_40(dir.path());
     damage_tail(&path);
 
     let (mut q, rec) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
@@ -237,14 +240,7 @@ fn damaged_last_record_is_detected_and_survived() {
 #[test]
 fn truncated_file_is_detected_and_survived() {
     let dir = tempfile::tempdir().unwrap();
-    let path = {
-        let (mut q, _) = Queue::open(dir.path(), "cloud", limits(1 << 20)).unwrap();
-        for i in 0..40 {
-            q.append(&[Message::new(format!("t/{i}"), vec![b'x'; 400])])
-                .unwrap();
-        }
-        q.path().to_path_buf()
-    };
+    let path = closed_queue_of_40(dir.path());
     let len = fs::metadata(&path).unwrap().len();
     fs::OpenOptions::new()
         .write(true)

@@ -273,19 +273,22 @@ fn f32_to_f64(x: f32) -> f64 {
     }
 }
 
+/// The bytes of `regs`, each register's high byte first unless
+/// `low_first` (text with swapped bytes, as `BADC`/`DCBA` strings have).
+pub fn register_bytes(regs: &[u16], low_first: bool) -> impl Iterator<Item = u8> + '_ {
+    regs.iter().flat_map(move |r| {
+        let [hi, lo] = r.to_be_bytes();
+        if low_first {
+            [lo, hi]
+        } else {
+            [hi, lo]
+        }
+    })
+}
+
 fn decode_string(regs: &[u16], order: WordOrder) -> String {
     let low_first = matches!(order, WordOrder::BADC | WordOrder::DCBA);
-    let mut bytes: Vec<u8> = regs
-        .iter()
-        .flat_map(|r| {
-            let [hi, lo] = r.to_be_bytes();
-            if low_first {
-                [lo, hi]
-            } else {
-                [hi, lo]
-            }
-        })
-        .collect();
+    let mut bytes: Vec<u8> = register_bytes(regs, low_first).collect();
     while bytes.last() == Some(&0) {
         bytes.pop();
     }

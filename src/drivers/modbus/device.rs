@@ -12,9 +12,11 @@ use tokio::time::Instant;
 use tokio_modbus::{ExceptionCode, Request};
 
 use crate::config::{DeviceConfig, Table};
-use crate::model::{now_ms, CommandResult, Millis, Quality, Reading, ReadingBatch, Value};
+use crate::model::{
+    now_ms, CommandResult, Millis, Quality, Reading, ReadingBatch, Value, WriteError,
+};
 
-use super::decode::to_bool;
+use super::decode::{to_bool, CodecError};
 use super::plan::{Block, Limits, Plan, Span};
 use super::point::{table_name, Point};
 use super::session::{BlockData, RequestError, Session};
@@ -356,18 +358,31 @@ impl Device {
     ) -> CommandResult {
         let name = self.name.clone();
         let Some(p) = self.points.iter().find(|p| &*p.name == point) else {
-            return Err(format!("device `{name}` has no point `{point}`"));
+            return Err(WriteError::NoSuchPoint {
+                device: name.to_string(),
+                point: point.to_string(),
+            });
         };
         if !p.writable {
-            return Err(format!(
-                "point `{name}/{point}` is read-only (set `writable: true` on it to allow writes)"
-            ));
+            return Err(WriteError::ReadOnly {
+                device: name.to_string(),
+                point: point.to_string(),
+            });
         }
         let (addr, slave, timeout) = (p.address, self.slave, self.timeout);
-        let failed = |e: RequestError| format!("write to `{name}/{point}` failed: {e}");
+        let failed = |e: RequestError| WriteError::Failed {
+            device: name.to_string(),
+            point: point.to_string(),
+            reason: e.to_string(),
+        };
+        let encode = |e: CodecError| WriteError::Encode {
+            device: name.to_string(),
+            point: point.to_string(),
+            reason: e.to_string(),
+        };
         let request = match p.table {
             Table::Coil => {
-                let on = to_bool(value).map_err(|e| format!("`{name}/{point}`: {e}"))?;
+                let on = to_bool(value).map_err(encode)?;
                 if self.multiple_writes {
                     Request::WriteMultipleCoils(addr, Cow::Owned(vec![on]))
                 } else {
@@ -387,10 +402,7 @@ impl Device {
                     BlockData::Words(w) => w.first().copied().unwrap_or(0),
                     BlockData::Bits(_) => 0,
                 };
-                let word = p
-                    .format
-                    .encode_bit(word, value)
-                    .map_err(|e| format!("`{name}/{point}`: {e}"))?;
+                let word = p.format.encode_bit(word, value).map_err(encode)?;
                 if self.multiple_writes {
                     Request::WriteMultipleRegisters(addr, Cow::Owned(vec![word]))
                 } else {
@@ -398,20 +410,18 @@ impl Device {
                 }
             }
             Table::Holding => {
-                let regs = p
-                    .format
-                    .encode(value)
-                    .map_err(|e| format!("`{name}/{point}`: {e}"))?;
+                let regs = p.format.encode(value).map_err(encode)?;
                 match regs.as_slice() {
                     [one] if !self.multiple_writes => Request::WriteSingleRegister(addr, *one),
                     _ => Request::WriteMultipleRegisters(addr, Cow::Owned(regs)),
                 }
             }
             Table::Discrete | Table::Input => {
-                return Err(format!(
-                    "point `{name}/{point}` is in the {} table, which Modbus cannot write",
-                    table_name(p.table)
-                ))
+                return Err(WriteError::ReadOnlyTable {
+                    device: name.to_string(),
+                    point: point.to_string(),
+                    table: table_name(p.table),
+                })
             }
         };
         self.stats.requests += 1;

@@ -14,10 +14,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::drivers::reply;
-use crate::model::{Command, ReadingBatch};
+use crate::drivers::{reply, Events};
+use crate::model::{Command, ReadingBatch, WriteError};
 use crate::ops::metrics::{self, PollOutcome};
-use crate::status::Status;
 
 use super::device::{Device, Transition, MAX_BACKOFF};
 use super::session::{RequestError, Session};
@@ -31,10 +30,9 @@ pub const STATS_EVERY: Duration = Duration::from_secs(10);
 
 /// Inputs and outputs of a bus task.
 pub struct FieldBusIo {
-    pub readings: mpsc::Sender<ReadingBatch>,
+    pub events: Events,
     /// Writes for any device on this bus.
     pub commands: mpsc::Receiver<Command>,
-    pub status: Status,
     pub shutdown: CancellationToken,
 }
 
@@ -201,7 +199,7 @@ impl FieldBus {
                 cmd = self.io.commands.recv(), if *commands_open => match cmd {
                     Some(cmd) => {
                         let why = self.down.clone().unwrap_or_else(|| "not connected".into());
-                        reply(cmd, Err(format!("device unreachable: {why}")));
+                        reply(cmd, Err(WriteError::Unreachable(why)));
                     }
                     None => *commands_open = false,
                 },
@@ -239,14 +237,7 @@ impl FieldBus {
         metrics::device_poll(&device.name, outcome, started.elapsed());
         let transition = device.record(&result, Instant::now());
         if !readings.is_empty() {
-            tokio::select! {
-                _ = self.io.shutdown.cancelled() => {}
-                r = self.io.readings.send(readings) => {
-                    if r.is_err() {
-                        tracing::debug!("pipeline gone; dropping readings");
-                    }
-                }
-            }
+            self.hand_over(readings).await;
         }
         match self.session.take_lost() {
             Some(why) => {
@@ -257,9 +248,30 @@ impl FieldBus {
         }
     }
 
+    /// Hands a poll's readings to the pipeline. While its channel is full
+    /// (the rules are stuck, perhaps in a `write()` to this very bus),
+    /// writes are still answered, so the two cannot wait for each other.
+    async fn hand_over(&mut self, readings: ReadingBatch) {
+        let events = self.io.events.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.io.shutdown.cancelled() => return,
+                slot = events.reserve() => {
+                    match slot {
+                        Ok(slot) => slot.send(readings),
+                        Err(e) => tracing::debug!(error = %e, "dropping readings"),
+                    }
+                    return;
+                }
+                Some(cmd) = self.io.commands.recv() => self.write(cmd).await,
+            }
+        }
+    }
+
     async fn write(&mut self, cmd: Command) {
         let Some(idx) = self.devices.iter().position(|d| *d.name == *cmd.device) else {
-            let why = format!("no device named `{}` on this bus", cmd.device);
+            let why = WriteError::NotOnBus(cmd.device.clone());
             reply(cmd, Err(why));
             return;
         };
@@ -294,14 +306,8 @@ impl FieldBus {
         let Some(d) = self.devices.get(idx) else {
             return;
         };
-        let mut json = serde_json::to_value(d.stats).unwrap_or_default();
-        if let Some(obj) = json.as_object_mut() {
-            obj.insert("online".into(), d.is_online().unwrap_or(false).into());
-        }
-        self.io
-            .status
-            .publish_retained(&format!("devices/{}/stats", d.name), json.to_string())
-            .await;
+        let json = serde_json::to_value(d.stats).unwrap_or_default();
+        self.io.events.stats(&d.name, json).await;
     }
 
     async fn report(&mut self, idx: usize, t: Option<Transition>) {
@@ -313,10 +319,11 @@ impl FieldBus {
         } else {
             tracing::warn!(device = %d.name, reason = t.reason.as_deref().unwrap_or(""), "device offline");
         }
-        self.io
-            .status
-            .device(&d.name, t.online, t.reason.as_deref())
-            .await;
+        if t.online {
+            self.io.events.online(&d.name).await;
+        } else {
+            self.io.events.offline(&d.name, t.reason.as_deref()).await;
+        }
         // The counters as they were when it happened.
         self.publish_device_stats(idx).await;
     }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::config::{DataType, Table, WordOrder};
 use crate::model::Value;
 
-use super::decode::{type_name, Format};
+use super::decode::{register_bytes, type_name, Format};
 use super::device::Device;
 use super::plan::{Block, Merge};
 use super::point::{is_bit_table, table_name, Point};
@@ -86,15 +86,7 @@ pub fn describe_registers(start: u16, regs: &[u16]) -> String {
         }
     }
     let ascii = |low_first: bool| -> String {
-        regs.iter()
-            .flat_map(|r| {
-                let [hi, lo] = r.to_be_bytes();
-                if low_first {
-                    [lo, hi]
-                } else {
-                    [hi, lo]
-                }
-            })
+        register_bytes(regs, low_first)
             .map(|b| {
                 if b.is_ascii_graphic() || b == b' ' {
                     b as char

@@ -11,6 +11,7 @@
 //! - [`fieldbus`]: the task that owns one transport and its devices;
 //! - [`inspect`]: what `edgebridge read` prints.
 
+pub mod check;
 pub mod decode;
 pub mod device;
 pub mod fieldbus;
@@ -76,9 +77,8 @@ pub fn spawn(
             Session::new(endpoint),
             list.iter().map(|d| Device::from_config(d)).collect(),
             FieldBusIo {
-                readings: ctx.readings.clone(),
+                events: ctx.events.clone(),
                 commands: rx,
-                status: ctx.status.clone(),
                 shutdown: ctx.shutdown.clone(),
             },
         );

@@ -32,14 +32,6 @@ pub enum RequestError {
     NotConnected,
 }
 
-impl RequestError {
-    /// The device itself answered (an exception): the bus and the device
-    /// are fine, the request was not.
-    pub fn is_exception(&self) -> bool {
-        matches!(self, RequestError::Exception(_))
-    }
-}
-
 /// The outcome of one attempt of a request.
 enum Attempt {
     Failed(RequestError),

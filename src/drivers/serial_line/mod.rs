@@ -5,6 +5,7 @@
 //! missing or lost (an unplugged USB adapter reads EOF forever, which is
 //! treated as "lost", never as data).
 
+pub mod check;
 pub mod codec;
 
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tracing::Instrument as _;
 use crate::config::{DeviceConfig, LineSettings};
 use crate::drivers::modbus::transport::open_serial;
 use crate::drivers::{reply, DriverContext};
-use crate::model::{now_ms, Command, Quality, Reading, ReadingBatch, Value};
+use crate::model::{now_ms, Command, Quality, Reading, ReadingBatch, Value, WriteError};
 
 use codec::{LineFramer, DEFAULT_DELIMITER, DEFAULT_MAX_LINE};
 
@@ -131,17 +132,18 @@ impl SerialLine {
             "oversize": st.oversize,
             "invalid_utf8": st.invalid_utf8,
             "transport_errors": self.transport_errors,
-            "online": self.online.unwrap_or(false),
         });
-        ctx.status
-            .publish_retained(&format!("devices/{}/stats", self.name), json.to_string())
-            .await;
+        ctx.events.stats(&self.name, json).await;
     }
 
     async fn set_online(&mut self, ctx: &DriverContext, on: bool, why: Option<&str>) {
         if self.online != Some(on) {
             self.online = Some(on);
-            ctx.status.device(&self.name, on, why).await;
+            if on {
+                ctx.events.online(&self.name).await;
+            } else {
+                ctx.events.offline(&self.name, why).await;
+            }
             self.publish_stats(ctx).await;
         }
     }
@@ -202,15 +204,24 @@ impl SerialLine {
                     quality: Quality::Good,
                 })
                 .collect();
-            tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Stop::Shutdown,
-                r = ctx.readings.send(batch) => if r.is_err() { return Stop::Shutdown },
+            // Writes are refused at once even while the pipeline is full.
+            loop {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Stop::Shutdown,
+                    slot = ctx.events.reserve() => match slot {
+                        Ok(slot) => {
+                            slot.send(batch);
+                            break;
+                        }
+                        Err(_) => return Stop::Shutdown,
+                    },
+                    Some(cmd) = commands.recv() => reject(cmd, &self.name),
+                }
             }
         }
     }
 }
 
 fn reject(cmd: Command, device: &str) {
-    let why = format!("device `{device}` is a serial-line device and cannot be written");
-    reply(cmd, Err(why));
+    reply(cmd, Err(WriteError::ReadOnlyDriver(device.to_string())));
 }

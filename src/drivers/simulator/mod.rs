@@ -2,6 +2,8 @@
 //! install shows realistic data at once. Writable points take commands;
 //! a written value overrides the wave until the next write.
 
+pub mod check;
+
 use std::collections::HashMap;
 use std::f64::consts::PI;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{reply, DriverContext};
 use crate::config::{DataType, DeviceConfig, PointConfig, Wave};
-use crate::model::{now_ms, Command, Quality, Reading, Value};
+use crate::model::{now_ms, Command, CommandResult, Quality, Reading, Value, WriteError};
 use crate::ops::metrics::{self, PollOutcome};
 
 /// The value of a wave at `t` seconds into the run.
@@ -64,7 +66,7 @@ pub fn spawn(dev: DeviceConfig, ctx: DriverContext, mut commands: mpsc::Receiver
         let start = Instant::now();
         let mut tick = tokio::time::interval(dev.poll_interval());
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ctx.status.device(&dev.name, true, None).await;
+        ctx.events.online(&dev.name).await;
         tracing::info!(device = %dev.name, points = dev.points.len(), "simulator started");
         loop {
             tokio::select! {
@@ -86,13 +88,23 @@ pub fn spawn(dev: DeviceConfig, ctx: DriverContext, mut commands: mpsc::Receiver
                         quality: Quality::Good,
                     }).collect();
                     metrics::device_poll(&dev.name, PollOutcome::Ok, polled.elapsed());
-                    if ctx.readings.send(batch).await.is_err() {
+                    // Writes are answered while the pipeline is full.
+                    let sent = loop {
+                        tokio::select! {
+                            slot = ctx.events.reserve() => break slot.map(|s| s.send(batch)),
+                            Some(cmd) = commands.recv() => {
+                                let result = write(&dev, &mut overrides, &cmd);
+                                reply(cmd, result);
+                            }
+                        }
+                    };
+                    if sent.is_err() {
                         break;
                     }
                 }
             }
         }
-        ctx.status.device(&dev.name, false, Some("gateway stopped")).await;
+        ctx.events.offline(&dev.name, Some("gateway stopped")).await;
     });
 }
 
@@ -100,15 +112,18 @@ fn write(
     dev: &DeviceConfig,
     overrides: &mut HashMap<String, Value>,
     cmd: &Command,
-) -> Result<(), String> {
+) -> CommandResult {
     let Some(p) = dev.point(&cmd.point) else {
-        return Err(format!(
-            "device `{}` has no point `{}`",
-            dev.name, cmd.point
-        ));
+        return Err(WriteError::NoSuchPoint {
+            device: dev.name.clone(),
+            point: cmd.point.clone(),
+        });
     };
     if !p.writable {
-        return Err(format!("point `{}/{}` is read-only", dev.name, p.name));
+        return Err(WriteError::ReadOnly {
+            device: dev.name.clone(),
+            point: p.name.clone(),
+        });
     }
     overrides.insert(p.name.clone(), cmd.value.clone());
     tracing::info!(device = %dev.name, point = %p.name, value = %cmd.value, "simulator point written");

@@ -51,28 +51,19 @@ struct Fixture {
 #[serde(deny_unknown_fields)]
 struct TestCase {
     name: String,
-    /// Expectations for what `on_start` does.
+    /// Expectations for what `on_start` does (a step without an input).
     #[serde(default)]
-    start: Option<Expect>,
+    start: Option<Step>,
     #[serde(default)]
     steps: Vec<Step>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(from = "RawStep")]
-struct Step {
-    reading: Option<ReadingInput>,
-    message: Option<MessageInput>,
-    line: Option<LineInput>,
-    now: Option<Millis>,
-    expect: Expect,
-}
-
-/// A step as written: input and expectations side by side. (serde's
-/// `flatten` would lose `deny_unknown_fields`, so typos would pass.)
-#[derive(Debug, Deserialize)]
+/// One step: an input (`reading`, `message`, `line`) and what it should
+/// produce. A test's `start:` is a step without an input: what `on_start`
+/// should produce.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawStep {
+struct Step {
     #[serde(default)]
     reading: Option<ReadingInput>,
     #[serde(default)]
@@ -86,39 +77,6 @@ struct RawStep {
     publishes: Option<Vec<ExpectedPublish>>,
     #[serde(default)]
     writes: Option<Vec<ExpectedWrite>>,
-    #[serde(default)]
-    result: Option<serde_yaml::Value>,
-    #[serde(default)]
-    readings: Option<Vec<ExpectedLineReading>>,
-    #[serde(default)]
-    errors: Option<Vec<String>>,
-}
-
-impl From<RawStep> for Step {
-    fn from(r: RawStep) -> Step {
-        Step {
-            reading: r.reading,
-            message: r.message,
-            line: r.line,
-            now: r.now,
-            expect: Expect {
-                publishes: r.publishes,
-                writes: r.writes,
-                result: r.result,
-                readings: r.readings,
-                errors: r.errors,
-            },
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Expect {
-    #[serde(default)]
-    publishes: Option<Vec<ExpectedPublish>>,
-    #[serde(default)]
-    writes: Option<Vec<ExpectedWrite>>,
     /// For readings: `unchanged`, `dropped`, or the changed fields.
     #[serde(default)]
     result: Option<serde_yaml::Value>,
@@ -128,6 +86,15 @@ struct Expect {
     /// Expected rule failures, each a part of the failure's text.
     #[serde(default)]
     errors: Option<Vec<String>>,
+}
+
+impl Step {
+    fn has_input(&self) -> bool {
+        self.reading.is_some()
+            || self.message.is_some()
+            || self.line.is_some()
+            || self.now.is_some()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,9 +366,16 @@ fn run_case(case: &TestCase, sources: &[(PathBuf, String)], deadline: Duration) 
     let mut clock: Millis = 0;
     rules.set_clock(Some(clock));
     let started = rules.start();
-    let expect_start = case.start.as_ref();
-    let default = Expect::default();
-    let problems = check(expect_start.unwrap_or(&default), &started, None, None);
+    let default = Step::default();
+    let expect_start = case.start.as_ref().unwrap_or(&default);
+    let mut problems = check(expect_start, &started, None, None);
+    if expect_start.has_input() {
+        problems.push(
+            "`start` only says what `on_start` does: move `reading`, `message`, `line` \
+             and `now` to a step"
+                .into(),
+        );
+    }
     if !problems.is_empty() {
         report
             .problems
@@ -417,7 +391,7 @@ fn run_case(case: &TestCase, sources: &[(PathBuf, String)], deadline: Duration) 
             }
         };
         let problems = check(
-            &step.expect,
+            step,
             &result.outcome,
             result.verdict.as_ref(),
             result.readings.as_deref(),
@@ -529,7 +503,7 @@ fn run_step(
 
 /// Every way `outcome` differs from `expect`, readably.
 fn check(
-    expect: &Expect,
+    expect: &Step,
     outcome: &Outcome,
     verdict: Option<&(Reading, Verdict)>,
     readings: Option<&[Reading]>,
@@ -1026,6 +1000,29 @@ tests:
         let text = report.to_string();
         assert!(text.contains("r.rhai:2:7: "), "{text}");
         assert!(!report.passed());
+    }
+
+    #[test]
+    fn start_takes_no_input_and_steps_no_typos() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "r.rhai", RULE);
+        let f = write(
+            dir.path(),
+            "a.test.yaml",
+            "tests:\n  - name: t\n    start: { message: { topic: a, payload: b } }\n",
+        );
+        let report = run(&[f], DEADLINE);
+        assert!(report.to_string().contains("`start` only says"), "{report}");
+        let f = write(
+            dir.path(),
+            "b.test.yaml",
+            "tests:\n  - name: t\n    steps:\n      - { line: { device: gps, line: x }, publishez: [] }\n",
+        );
+        let report = run(&[f], DEADLINE);
+        assert!(
+            report.to_string().contains("unknown field `publishez`"),
+            "{report}"
+        );
     }
 
     #[test]

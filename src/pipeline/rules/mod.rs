@@ -26,7 +26,7 @@ pub use sandbox::{
     MAX_PUBLISHES_PER_CALL, MAX_STATE_ITEMS, MAX_STRING_SIZE, MAX_WRITES_PER_CALL,
     RULES_STACK_SIZE,
 };
-pub use worker::{ReloadReport, RulesRuntime, RULES_QUEUE};
+pub use worker::{ReloadReport, RulesRuntime, RULES_QUEUE, SHED_RULES_AT};
 
 #[cfg(test)]
 mod tests;

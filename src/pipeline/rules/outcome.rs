@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::model::{CommandResult, Message, Reading, Value};
+use crate::model::{Message, Reading, Value};
 
 /// A `write(device, point, value)` a rule made, with the device's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,7 +12,8 @@ pub struct Write {
     pub device: String,
     pub point: String,
     pub value: Value,
-    pub result: CommandResult,
+    /// The device's answer as the rule saw it (`r.error` is its text).
+    pub result: Result<(), String>,
 }
 
 /// Why a rule call failed. It has been logged and counted already.

@@ -168,10 +168,6 @@ impl Rules {
         self.files.iter().any(|f| f.handlers.on_reading)
     }
 
-    pub fn has_on_line(&self) -> bool {
-        self.files.iter().any(|f| f.handlers.on_line)
-    }
-
     pub fn stats(&self) -> Vec<RuleStats> {
         self.files
             .iter()

@@ -419,7 +419,9 @@ fn register_api(
             }
             let writer = lock(&w).clone();
             let started = Instant::now();
-            let result = writer.write(device, point, &value);
+            let result = writer
+                .write(device, point, &value)
+                .map_err(|e| e.to_string());
             dl.extend(started.elapsed());
             lock(&c).writes.push(Write {
                 device: device.to_string(),

@@ -1,10 +1,12 @@
 //! The rules at run time. One thread owns the compiled [`Rules`] and runs
 //! every call, so a slow rule never holds up a driver or the broker:
 //!
-//! - the pipeline hands it reading batches with `try_send` on a bounded
-//!   channel; when the channel is full the batch skips the rules (straight
-//!   to the mappings) and that is counted and logged, so polling never
-//!   waits for a script;
+//! - it *is* the pipeline when rules are configured: it takes the
+//!   drivers' reading batches in order, runs `on_line`/`on_reading`, then
+//!   the mappings, and publishes through [`Pipeline::publish`]; when more
+//!   than [`SHED_RULES_AT`] batches wait, the batches it takes skip the
+//!   rules (mappings only, in order), counted and logged (see the
+//!   overload policy in [`crate::pipeline`]);
 //! - a bus client subscribed to the rules' `SUBSCRIBE` filters feeds it
 //!   messages for `on_message`;
 //! - `write()` goes to [`Devices::write`] and waits for the device's answer
@@ -15,7 +17,7 @@
 //! A thread and not a task because rule calls are synchronous CPU work of
 //! up to the deadline each, and `write()` blocks on a device.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,13 +34,15 @@ use crate::config::{Config, DataType, DriverKind};
 use crate::drivers::Devices;
 use crate::model::{CommandResult, Message, Qos, ReadingBatch, Value};
 use crate::pipeline::commands::coerce;
-use crate::pipeline::mapping::Mappings;
-use crate::status::Status;
+use crate::pipeline::Pipeline;
+use crate::status::{Event, Status};
 
-/// Inputs waiting for the rules thread. Beyond this, reading batches skip
-/// the rules.
+/// Messages, reloads and stats requests waiting for the rules thread.
 pub const RULES_QUEUE: usize = 256;
-/// Rule messages remembered to recognise their echo (see [`Echoes`]).
+/// Reading batches waiting behind the one being taken from which it skips
+/// the rules (see the overload policy in [`crate::pipeline`]).
+pub const SHED_RULES_AT: usize = 256;
+/// Rule messages remembered to recognise their echo (see [`RuleEchoes`]).
 const ECHO_LIMIT: usize = 1024;
 const ECHO_TTL: Duration = Duration::from_secs(10);
 /// How often the counters go to `edgebridge/<id>/rules` (when changed).
@@ -47,7 +51,6 @@ pub const STATS_EVERY: Duration = Duration::from_secs(30);
 const BYPASS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 enum Input {
-    Batch(ReadingBatch),
     Message(Message),
     Reload(
         oneshot::Sender<Result<ReloadReport, RuleErrors>>,
@@ -74,8 +77,8 @@ pub struct RulesRuntime {
     input: mpsc::Sender<Input>,
     bus: Bus,
     subscriber: Mutex<Subscriber>,
-    bypassed: AtomicU64,
-    last_bypass_log: Mutex<Option<Instant>>,
+    /// Readings that skipped the rules (counted by the thread).
+    bypassed: Arc<AtomicU64>,
     /// Set at shutdown: queued batches are mapped without rules, so a
     /// backlog behind a slow rule does not delay the exit.
     stopping: Arc<AtomicBool>,
@@ -152,15 +155,18 @@ impl DeviceWriter for GatewayWriter {
 
 impl RulesRuntime {
     /// Starts the rules thread: it runs every file's `on_start()`, then
-    /// serves readings, messages and reloads until the gateway stops.
+    /// serves the drivers' `readings` (it is the pipeline from now on),
+    /// messages and reloads until the gateway stops. The handle ends when
+    /// the thread does.
     pub async fn start(
         rules: Rules,
         config: &Config,
-        mappings: Arc<Mappings>,
+        pipeline: Pipeline,
+        readings: mpsc::Receiver<ReadingBatch>,
         bus: Bus,
         devices: Devices,
         status: Status,
-    ) -> std::io::Result<Arc<RulesRuntime>> {
+    ) -> std::io::Result<(Arc<RulesRuntime>, JoinHandle<()>)> {
         let handle = Handle::current();
         let DeviceFacts { types, serial_line } = DeviceFacts::of(config);
         let types: PointTypes = Arc::new(std::sync::RwLock::new(types));
@@ -172,31 +178,39 @@ impl RulesRuntime {
         let filters = rules.subscriptions();
         let (input, rx) = mpsc::channel(RULES_QUEUE);
         let stopping = Arc::new(AtomicBool::new(false));
+        let bypassed = Arc::new(AtomicU64::new(0));
         let worker = Worker {
-            echoes: Echoes {
+            echoes: RuleEchoes {
                 filters: filters.clone(),
-                pending: VecDeque::new(),
+                guard: crate::topic::Echoes::new(ECHO_TTL, ECHO_LIMIT),
             },
             stopping: stopping.clone(),
+            bypassed: bypassed.clone(),
+            last_bypass_log: None,
             rules,
-            mappings,
-            bus: bus.clone(),
-            handle,
+            pipeline: pipeline.clone(),
+            handle: handle.clone(),
             serial_line,
             types,
         };
+        // Ends when the thread does (its sender is dropped), panic or not.
+        let (done, ended) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("rules".into())
             .stack_size(RULES_STACK_SIZE)
             .spawn(move || {
-                // A bug (in rhai or here) must not pass silently: readings
-                // would then skip the rules without a word.
-                let run = std::panic::AssertUnwindSafe(|| worker.run(rx));
+                let _done = done;
+                let (mut control, mut readings) = (rx, readings);
+                let run = std::panic::AssertUnwindSafe(|| worker.run(&mut control, &mut readings));
                 if std::panic::catch_unwind(run).is_err() {
+                    // A bug (in rhai or here) must not pass silently, nor
+                    // stop the readings: they go on without rules.
                     tracing::error!(
                         "the rules thread panicked; readings now go to the mappings \
                          without rules until the gateway restarts"
                     );
+                    drop(control);
+                    handle.block_on(crate::pipeline::run_without_rules(&mut readings, &pipeline));
                 }
             })?;
         let runtime = Arc::new(RulesRuntime {
@@ -207,48 +221,17 @@ impl RulesRuntime {
                 task: None,
                 generation: 0,
             }),
-            bypassed: AtomicU64::new(0),
-            last_bypass_log: Mutex::new(None),
+            bypassed,
             stopping,
             reporter: Mutex::new(None),
         });
         runtime.subscribe(filters).await;
         let reporter = tokio::spawn(report_stats(Arc::downgrade(&runtime), status));
         *runtime.reporter.lock().unwrap_or_else(|e| e.into_inner()) = Some(reporter);
-        Ok(runtime)
-    }
-
-    /// Hands a batch to the rules; gives it back when the rules are behind
-    /// (the caller then maps it without rules).
-    pub fn offer(&self, batch: ReadingBatch) -> Result<(), ReadingBatch> {
-        match self.input.try_send(Input::Batch(batch)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Input::Batch(b))) => {
-                self.note_bypass(b.len());
-                Err(b)
-            }
-            // The rules thread has stopped (shutdown): map the rest.
-            Err(mpsc::error::TrySendError::Closed(Input::Batch(b))) => Err(b),
-            // Only batches are offered.
-            Err(_) => Ok(()),
-        }
-    }
-
-    /// The one place where skipped batches are counted and logged.
-    fn note_bypass(&self, readings: usize) {
-        let total = self.bypassed.fetch_add(readings as u64, Ordering::Relaxed) + readings as u64;
-        let mut last = self
-            .last_bypass_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= BYPASS_LOG_EVERY) {
-            *last = Some(Instant::now());
-            tracing::warn!(
-                skipped_total = total,
-                "the rules are behind: readings go to the mappings without rules \
-                 (a slow rule or a slow write?)"
-            );
-        }
+        let ended = tokio::spawn(async move {
+            let _ = ended.await;
+        });
+        Ok((runtime, ended))
     }
 
     /// Readings that skipped the rules since start.
@@ -392,7 +375,7 @@ async fn report_stats(runtime: std::sync::Weak<RulesRuntime>, status: Status) {
         let payload = serde_json::json!({ "files": files, "skipped": rt.bypassed() }).to_string();
         drop(rt);
         if payload != last {
-            status.publish_retained("rules", payload.clone()).await;
+            status.report(Event::Rules(payload.clone())).await;
             last = payload;
         }
     }
@@ -404,58 +387,52 @@ async fn report_stats(runtime: std::sync::Weak<RulesRuntime>, status: Status) {
 /// answers on `cmd/x/result` while subscribed to `cmd/#` cannot feed
 /// itself forever. Messages from anybody else, mappings included, do reach
 /// `on_message`.
-struct Echoes {
+struct RuleEchoes {
+    /// The rules' `SUBSCRIBE` filters: only what they match can come back.
     filters: Vec<String>,
-    pending: VecDeque<(Instant, String, bytes::Bytes)>,
+    guard: crate::topic::Echoes,
 }
 
-impl Echoes {
+impl RuleEchoes {
     fn note(&mut self, m: &Message) {
         if self.filters.iter().any(|f| filter_matches(f, &m.topic)) {
-            if self.pending.len() >= ECHO_LIMIT {
-                self.pending.pop_front();
-            }
-            self.pending
-                .push_back((Instant::now(), m.topic.clone(), m.payload.clone()));
+            self.guard.expect(&m.topic, &m.payload, Instant::now());
         }
     }
 
     fn is_echo(&mut self, m: &Message) -> bool {
-        while self
-            .pending
-            .front()
-            .is_some_and(|(t, ..)| t.elapsed() > ECHO_TTL)
-        {
-            self.pending.pop_front();
-        }
-        match self
-            .pending
-            .iter()
-            .position(|(_, topic, payload)| *topic == m.topic && *payload == m.payload)
-        {
-            Some(i) => {
-                self.pending.remove(i);
-                true
-            }
-            None => false,
-        }
+        self.guard.is_echo(&m.topic, &m.payload, Instant::now())
     }
 }
 
 struct Worker {
-    echoes: Echoes,
+    echoes: RuleEchoes,
     stopping: Arc<AtomicBool>,
+    /// Readings that skipped the rules, and when that was last logged.
+    bypassed: Arc<AtomicU64>,
+    last_bypass_log: Option<Instant>,
     rules: Rules,
-    mappings: Arc<Mappings>,
-    bus: Bus,
+    pipeline: Pipeline,
     handle: Handle,
     serial_line: HashSet<String>,
     /// The point types `write()` converts to (shared with the writer).
     types: PointTypes,
 }
 
+/// What the rules thread takes next.
+enum Next {
+    Control(Option<Input>),
+    Batch(Option<ReadingBatch>),
+    /// Both channels are closed.
+    Done,
+}
+
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+    fn run(
+        mut self,
+        control: &mut mpsc::Receiver<Input>,
+        readings: &mut mpsc::Receiver<ReadingBatch>,
+    ) {
         let files: Vec<String> = self
             .rules
             .files()
@@ -467,10 +444,25 @@ impl Worker {
         let mut out = Vec::new();
         self.rule_output(started.publishes, &mut out);
         self.publish(out);
-        while let Some(input) = rx.blocking_recv() {
-            match input {
-                Input::Batch(batch) => self.batch(batch),
-                Input::Message(m) => {
+        let (mut control_open, mut readings_open) = (true, true);
+        loop {
+            let next = self.handle.block_on(async {
+                tokio::select! {
+                    biased;
+                    c = control.recv(), if control_open => Next::Control(c),
+                    b = readings.recv(), if readings_open => Next::Batch(b),
+                    else => Next::Done,
+                }
+            });
+            match next {
+                Next::Batch(Some(batch)) => {
+                    let backlog = readings.len();
+                    self.batch(batch, backlog);
+                }
+                Next::Batch(None) => readings_open = false,
+                Next::Control(None) => control_open = false,
+                Next::Done => break,
+                Next::Control(Some(Input::Message(m))) => {
                     if self.echoes.is_echo(&m) {
                         continue;
                     }
@@ -479,7 +471,7 @@ impl Worker {
                     self.rule_output(result.publishes, &mut out);
                     self.publish(out);
                 }
-                Input::Reload(reply, facts) => {
+                Next::Control(Some(Input::Reload(reply, facts))) => {
                     // Even when the rules do not compile: the devices
                     // changed with the config already.
                     *self.types.write().unwrap_or_else(|e| e.into_inner()) = facts.types;
@@ -487,10 +479,15 @@ impl Worker {
                     let result = self.reload();
                     let _ = reply.send(result);
                 }
-                Input::Stats(reply) => {
+                Next::Control(Some(Input::Stats(reply))) => {
                     let _ = reply.send(self.rules.stats());
                 }
-                Input::Stop(reply) => {
+                Next::Control(Some(Input::Stop(reply))) => {
+                    // The drivers have stopped: what they sent last goes
+                    // through the mappings (`stopping` is set).
+                    while let Ok(batch) = readings.try_recv() {
+                        self.batch(batch, 0);
+                    }
                     let _ = reply.send(());
                     break;
                 }
@@ -507,12 +504,19 @@ impl Worker {
         out.extend(messages);
     }
 
-    fn batch(&mut self, batch: ReadingBatch) {
+    /// One batch along the pipeline: through the rules, or past them when
+    /// `backlog` batches wait behind it (or the gateway is stopping).
+    fn batch(&mut self, batch: ReadingBatch, backlog: usize) {
+        Pipeline::received(&batch);
         let mut out = Vec::new();
         if self.stopping.load(Ordering::Relaxed) {
-            for r in &batch {
-                self.mappings.apply(r, &mut out);
-            }
+            self.pipeline.map_all(&batch, &mut out);
+            self.publish(out);
+            return;
+        }
+        if backlog >= SHED_RULES_AT {
+            self.note_bypass(batch.len());
+            self.pipeline.map_all(&batch, &mut out);
             self.publish(out);
             return;
         }
@@ -531,28 +535,36 @@ impl Worker {
         self.publish(out);
     }
 
+    /// The one place where skipped batches are counted and logged.
+    fn note_bypass(&mut self, readings: usize) {
+        let total = self.bypassed.fetch_add(readings as u64, Ordering::Relaxed) + readings as u64;
+        if self
+            .last_bypass_log
+            .is_none_or(|t| t.elapsed() >= BYPASS_LOG_EVERY)
+        {
+            self.last_bypass_log = Some(Instant::now());
+            tracing::warn!(
+                skipped_total = total,
+                "the rules are behind: readings go to the mappings without rules \
+                 (a slow rule or a slow write?)"
+            );
+        }
+    }
+
     fn reading(&mut self, r: crate::model::Reading, out: &mut Vec<Message>) {
         if !self.rules.has_on_reading() {
-            self.mappings.apply(&r, out);
+            self.pipeline.map(&r, out);
             return;
         }
         let result = self.rules.on_reading(&r);
         self.rule_output(result.outcome.publishes, out);
         if let Some(r) = result.verdict.into_reading(r) {
-            self.mappings.apply(&r, out);
+            self.pipeline.map(&r, out);
         }
     }
 
-    fn publish(&self, messages: Vec<Message>) {
-        if messages.is_empty() {
-            return;
-        }
-        crate::ops::metrics::pipeline_messages(messages.len());
-        self.handle.block_on(async {
-            for m in messages {
-                self.bus.publish(m).await;
-            }
-        });
+    fn publish(&self, mut messages: Vec<Message>) {
+        self.handle.block_on(self.pipeline.publish(&mut messages));
     }
 
     fn reload(&mut self) -> Result<ReloadReport, RuleErrors> {
