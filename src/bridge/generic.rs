@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{
@@ -197,7 +195,7 @@ impl Bridge {
         let profile = MqttProfile {
             spec,
             echoes: false,
-            echo: EchoGuard::default(),
+            echo: topic::Echoes::new(ECHO_TTL, ECHO_MAX),
         };
         engine::run(settings, opened, profile, local, shutdown).await
     }
@@ -208,7 +206,9 @@ struct MqttProfile {
     spec: BridgeSpec,
     /// The local link hands back what the bridge publishes.
     echoes: bool,
-    echo: EchoGuard,
+    /// The loop guard: downlinked messages that the forward filters will
+    /// hand back, not sent up again.
+    echo: topic::Echoes,
 }
 
 impl Profile for MqttProfile {
@@ -221,7 +221,10 @@ impl Profile for MqttProfile {
     }
 
     fn uplink(&mut self, m: Message, _out: &mut Actions) -> Option<Message> {
-        if self.echo.is_echo(&m.topic, &m.payload) {
+        if self
+            .echo
+            .is_echo(&m.topic, &m.payload, std::time::Instant::now())
+        {
             tracing::trace!(topic = %m.topic, "not forwarding a message that came from this bridge");
             return None;
         }
@@ -257,7 +260,8 @@ impl Profile for MqttProfile {
             return;
         };
         if self.echoes && self.spec.uplink(&local_topic).is_some() {
-            self.echo.expect(&local_topic, &m.payload);
+            self.echo
+                .expect(&local_topic, &m.payload, std::time::Instant::now());
         }
         let local = Message {
             topic: local_topic,
@@ -269,62 +273,9 @@ impl Profile for MqttProfile {
     }
 }
 
-/// Remembers downlinked messages that the bridge's own forward filters
-/// will hand back to it, so they are not sent back up (loop guard).
-#[derive(Default)]
-struct EchoGuard {
-    expected: VecDeque<(Instant, String, Bytes)>,
-}
-
-impl EchoGuard {
-    fn expect(&mut self, topic: &str, payload: &Bytes) {
-        self.expire();
-        if self.expected.len() >= ECHO_MAX {
-            self.expected.pop_front();
-        }
-        self.expected
-            .push_back((Instant::now(), topic.to_string(), payload.clone()));
-    }
-
-    fn is_echo(&mut self, topic: &str, payload: &Bytes) -> bool {
-        self.expire();
-        match self
-            .expected
-            .iter()
-            .position(|(_, t, p)| t == topic && p == payload)
-        {
-            Some(i) => {
-                self.expected.remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn expire(&mut self) {
-        while self
-            .expected
-            .front()
-            .is_some_and(|(at, _, _)| at.elapsed() > ECHO_TTL)
-        {
-            self.expected.pop_front();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn echo_guard_swallows_each_expected_message_once() {
-        let mut g = EchoGuard::default();
-        let on = Bytes::from("on");
-        g.expect("cmd/led", &on);
-        assert!(!g.is_echo("cmd/led", &Bytes::from("off")));
-        assert!(g.is_echo("cmd/led", &on));
-        assert!(!g.is_echo("cmd/led", &on), "a second, real message passes");
-    }
 
     #[test]
     fn routes_map_topics_both_ways() {
