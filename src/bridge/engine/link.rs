@@ -158,3 +158,33 @@ async fn drive(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn failures_back_off_and_a_goodbye_reconnects_at_once() {
+        let min = Duration::from_millis(100);
+        let mut c = Connector::new(ReconnectConfig {
+            min,
+            max: Duration::from_secs(1),
+        });
+        assert!(
+            c.retry_at().is_some_and(|t| t <= Instant::now()),
+            "the first attempt goes at once"
+        );
+        let first = c.failed();
+        assert!(first >= min / 2 && first <= min, "{first:?}");
+        let second = c.failed();
+        assert!(second >= min && second <= 2 * min, "{second:?}");
+        assert_eq!(c.attempt(), 2);
+        let at = c.retry_at().expect("a retry is planned");
+        assert!(at > Instant::now() + min / 2);
+        // A goodbye on purpose (fresh credentials) counts no failure.
+        c.close(true).await;
+        assert!(c.retry_at().is_some_and(|t| t <= Instant::now()));
+        c.close(false).await;
+        assert_eq!(c.retry_at(), None, "stopped: no retry");
+    }
+}
