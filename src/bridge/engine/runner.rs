@@ -40,6 +40,10 @@ const ACK_BATCH: usize = 512;
 const MAX_UNSAVED: usize = 10_000;
 /// Messages per queue transaction while the disk is full.
 const DISK_FULL_BATCH: usize = 32;
+/// Inbox records taken into the queue whose position is not on disk yet,
+/// at most: what a crash can make the bridge send twice, besides its
+/// in-flight window.
+const MARK_LAG: u64 = 256;
 /// How long a goodbye waits for the last acknowledgements.
 const GOODBYE: Duration = Duration::from_millis(500);
 
@@ -525,6 +529,13 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
         self.settle();
         if self.unsaved.is_empty() {
             self.queue.mark_inbox(self.settled_seq);
+        }
+        // The position on disk lags at most `MARK_LAG` records (not only
+        // `flush_delay`): after a crash that many at most are sent again,
+        // however fast messages come.
+        let lag = self.settled_seq.saturating_sub(self.queue.inbox_mark());
+        if lag >= MARK_LAG && self.flush_failed_at.is_none() && self.disk_full.is_none() {
+            self.flush_staged();
         }
         self.inbox.release(self.queue.inbox_mark());
         // Deleted with the next write (at most `flush_delay` later); a
