@@ -576,16 +576,12 @@ async fn small_queue_drops_the_oldest_and_reports_how_many() {
         .wait_status("drops", |s| s.dropped == 80 && s.queue_depth == 20)
         .await;
     assert!(s.queue_bytes <= 940);
-    // The retained status on the local bus says so too.
-    let mut last = None;
+    // The bridge itself publishes nothing about it: its status goes to the
+    // gateway's status task (`edgebridge/<id>/bridges/<name>/status`, see
+    // `the_status_task_publishes_a_bridges_drops`).
     while let Ok(m) = b.published.try_recv() {
-        if m.topic == "edgebridge/gw-it/bridges/cloud/status" {
-            assert!(m.retain);
-            last = Some(m);
-        }
+        assert!(!m.topic.starts_with("edgebridge/"), "{}", m.topic);
     }
-    let json: serde_json::Value = serde_json::from_slice(&last.unwrap().payload).unwrap();
-    assert_eq!(json["dropped"], 80);
     m.restart();
     for i in 80..100 {
         let (_, p) = next_remote(&mut seen).await;
@@ -1676,5 +1672,40 @@ async fn readings_land_in_the_inbox(bridges_yaml: &str) {
         !holds(&all, "not-forwarded"),
         "a topic the bridge does not forward went to the inbox"
     );
+    gw.shutdown().await;
+}
+
+/// A bridge's status reaches `edgebridge/<id>/bridges/<name>/status`
+/// through the gateway's status task: here a cloud that is never there and
+/// a queue with room for 20 messages of the 100 published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_task_publishes_a_bridges_drops() {
+    let nobody = crate::support::free_port();
+    let yaml = crate::support::yaml_with_broker(&format!(
+        "bridges:\n  - name: cloud\n    url: mqtt://127.0.0.1:{nobody}\n    \
+         reconnect: {{ min: 1s, max: 1s }}\n    queue: {{ max_bytes: 940 }}\n    \
+         forward: [ {{ topics: \"PV/#\", remote_prefix: \"site/\", qos: 1 }} ]\n"
+    ));
+    let gw = crate::support::start(&yaml).await;
+    let topic = "edgebridge/test-gw/bridges/cloud/status";
+    let mut c =
+        crate::support::Client::connect(crate::support::mqtt_addr(&gw), "it-status", &[topic])
+            .await;
+    let first = c.expect(topic, WAIT).await;
+    assert!(first.retain, "the bridge status is retained");
+    for i in 0..100 {
+        let mut m = Message::new("PV/data", format!("{i:03}"));
+        m.qos = edgebridge::model::Qos::AtLeastOnce;
+        gw.bus().publish(m).await;
+    }
+    let drops = c
+        .expect_where(WAIT, |g| {
+            g.topic == topic && g.payload.contains("\"dropped\":80,")
+        })
+        .await;
+    let drops = drops.expect("the status never showed the 80 dropped messages");
+    let json: serde_json::Value = serde_json::from_str(&drops.payload).unwrap();
+    assert_eq!(json["queue_depth"], 20, "{json}");
+    assert_eq!(json["connected"], false, "{json}");
     gw.shutdown().await;
 }

@@ -59,7 +59,6 @@ pub(super) struct Runner<L, P> {
     queue: Queue,
     status_tx: watch::Sender<BridgeStatus>,
     status: BridgeStatus,
-    published_status: Option<BridgeStatus>,
     local: L,
     local_open: bool,
     shutdown: CancellationToken,
@@ -126,7 +125,6 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
             queue,
             status_tx,
             status,
-            published_status: None,
             local,
             local_open: true,
             shutdown,
@@ -179,7 +177,7 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
 
     pub(super) async fn run(mut self) {
         tracing::info!(depth = self.status.queue_depth, "bridge starting");
-        self.publish_status(true).await;
+        self.report_status();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -237,7 +235,7 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
                         self.disk_room_again();
                     }
                     self.expire();
-                    self.publish_status(false).await;
+                    self.report_status();
                 }
             }
         }
@@ -810,7 +808,7 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
                         tracing::warn!(error = %e, "could not queue the remote subscriptions");
                     }
                 }
-                self.publish_status(true).await;
+                self.report_status();
             }
             Ok(ev @ (RemoteEvent::Published { .. } | RemoteEvent::Acked { .. })) => {
                 self.delivered(&ev);
@@ -868,7 +866,7 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
             self.status.since = now_ms();
             tracing::warn!(error = %e, unacked, retry_in = ?delay,
                 "connection to {} lost", self.settings.peer);
-            self.publish_status(true).await;
+            self.report_status();
         } else {
             tracing::debug!(error = %e, attempt, retry_in = ?delay,
                 "cannot connect to {}", self.settings.peer);
@@ -925,30 +923,11 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
         self.sync_queue_stats();
     }
 
-    /// Publishes the retained status when it changed (or `force`).
-    async fn publish_status(&mut self, force: bool) {
+    /// Hands the status to whoever watches it: the gateway's status task
+    /// publishes each change on `edgebridge/<id>/bridges/<name>/status`.
+    fn report_status(&mut self) {
         self.sync_queue_stats();
         self.status_tx.send_replace(self.status.clone());
-        if !force && self.published_status.as_ref() == Some(&self.status) {
-            return;
-        }
-        let payload = match serde_json::to_vec(&self.status) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode bridge status");
-                return;
-            }
-        };
-        let m = Message {
-            topic: self.settings.status_topic.clone(),
-            payload: Bytes::from(payload),
-            qos: Qos::AtMostOnce,
-            retain: true,
-        };
-        match self.local.publish(m).await {
-            Ok(()) => self.published_status = Some(self.status.clone()),
-            Err(e) => tracing::debug!(error = %e, "could not publish bridge status"),
-        }
     }
 
     /// Saves what is waiting, says goodbye to the remote broker (briefly),
@@ -985,7 +964,7 @@ impl<L: LocalLink, P: Profile> Runner<L, P> {
         self.conn.close(false).await;
         self.status.connected = false;
         self.status.since = now_ms();
-        self.publish_status(true).await;
+        self.report_status();
         tracing::info!(depth = self.status.queue_depth, "bridge stopped");
     }
 }
