@@ -3,6 +3,7 @@
 
 mod support;
 
+mod architecture;
 mod bridge;
 mod broker;
 mod cli;
