@@ -5,7 +5,7 @@
 #   bench/run.sh --smoke         a few seconds per scenario (CI)
 #   bench/run.sh --only long --long 1800   memory scenarios for 30 minutes (outage: 10)
 # Extra arguments go to the suite (--messages N, --rounds N, --long SECONDS, --outage SECONDS,
-# --only short|long|bridge|latency, --smoke).
+# --only short|long|bridge|latency|pipeline, --smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x /usr/sbin/mosquitto ] || { echo "bench/run.sh needs /usr/sbin/mosquitto" >&2; exit 2; }

@@ -5,7 +5,7 @@
 //! ```text
 //! bench/run.sh                 # release build, full run (about 13 minutes)
 //! bench/run.sh --smoke         # seconds; what .ci/run may run
-//! cargo bench --bench suite -- [--smoke] [--long SECONDS] [--outage SECONDS] [--messages N] [--rounds N] [--only short|long|bridge|latency]
+//! cargo bench --bench suite -- [--smoke] [--long SECONDS] [--outage SECONDS] [--messages N] [--rounds N] [--only short|long|bridge|latency|pipeline]
 //! ```
 //! The gateway is `target/release/edgebridge` (`target/debug/…` when the
 //! suite itself is a debug build), or `$EDGEBRIDGE_BIN`. Needs
@@ -1117,6 +1117,8 @@ async fn main() {
         bridge_throughput(&dir, n, rounds, &mut rows).await;
     } else if only == Some("latency") {
         latency(&dir, short, &mut rows).await;
+    } else if only == Some("pipeline") {
+        pipeline(&dir, short.min(10), &mut rows).await;
     } else if only != Some("long") {
         binary_size(&mut rows);
         startup(&dir, &mut rows).await;
