@@ -447,8 +447,9 @@ impl Gateway {
             }
         }
         // Their last states reach the status task, then the bus.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
         for report in self.bridge_reports {
-            let _ = tokio::time::timeout(Duration::from_millis(300), report).await;
+            let _ = tokio::time::timeout_at(deadline, report).await;
         }
         if let Some(report) = &self.external_report {
             report.abort();

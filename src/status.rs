@@ -104,8 +104,14 @@ impl Status {
                 crate::ops::metrics::device_up(device, *online);
             }
             Event::DeviceStats { device, counters } => {
-                let online = self.devices().get(device.as_str()).copied();
-                counters.insert("online".into(), online.unwrap_or(false).into());
+                let online = self
+                    .devices
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(device.as_str())
+                    .copied()
+                    .unwrap_or(false);
+                counters.insert("online".into(), online.into());
             }
             _ => {}
         }

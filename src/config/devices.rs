@@ -17,6 +17,14 @@ pub enum DriverKind {
 }
 
 impl DriverKind {
+    /// Every driver, for messages that list them.
+    pub const ALL: [DriverKind; 4] = [
+        DriverKind::Simulator,
+        DriverKind::ModbusRtu,
+        DriverKind::ModbusTcp,
+        DriverKind::SerialLine,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             DriverKind::Simulator => "simulator",

@@ -60,13 +60,6 @@ pub fn checks_for(kind: DriverKind) -> &'static DriverChecks {
     }
 }
 
-const ALL: [DriverKind; 4] = [
-    DriverKind::Simulator,
-    DriverKind::ModbusRtu,
-    DriverKind::ModbusTcp,
-    DriverKind::SerialLine,
-];
-
 /// Checks every device with its driver's checks, then the serial ports
 /// they share.
 pub fn check_devices(devices: &[DeviceConfig], p: &mut Problems) {
@@ -119,7 +112,7 @@ fn point_keys(kind: DriverKind, pt: &PointConfig, at: At, j: usize, p: &mut Prob
 
 /// The drivers that take `key`, as a user would name them.
 fn takers(key: &str, keys: fn(&DriverChecks) -> &'static [&'static str]) -> String {
-    let mut names: Vec<&str> = ALL
+    let mut names: Vec<&str> = DriverKind::ALL
         .into_iter()
         .filter(|k| keys(checks_for(*k)).contains(&key))
         .map(|k| k.name())

@@ -509,13 +509,11 @@ impl Worker {
     fn batch(&mut self, batch: ReadingBatch, backlog: usize) {
         Pipeline::received(&batch);
         let mut out = Vec::new();
-        if self.stopping.load(Ordering::Relaxed) {
-            self.pipeline.map_all(&batch, &mut out);
-            self.publish(out);
-            return;
-        }
-        if backlog >= SHED_RULES_AT {
-            self.note_bypass(batch.len());
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        if stopping || backlog >= SHED_RULES_AT {
+            if !stopping {
+                self.note_bypass(batch.len());
+            }
             self.pipeline.map_all(&batch, &mut out);
             self.publish(out);
             return;
